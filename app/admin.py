@@ -1,0 +1,34 @@
+"""Topic administration: create Sluice's topics with the configured partition count, idempotently.
+
+Stage topics must exist with the same partition count as the tables' changelog topics (Faust refuses
+to run otherwise), so Sluice creates them explicitly instead of relying on broker auto-creation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from app.settings import Settings
+from app.topics import TopicNames
+
+
+async def ensure_topics(settings: Settings, names: list[str] | None = None) -> list[str]:
+    """Create the missing topics; return the names created. Existing topics are left as they are."""
+    wanted = names if names is not None else TopicNames(settings.topic_prefix).all()
+    client = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await client.start()
+    try:
+        existing = set(await client.list_topics())
+        missing = [n for n in wanted if n not in existing]
+        if missing:
+            # Another worker or API may create one between list and create: that is fine.
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await client.create_topics(
+                    [NewTopic(n, settings.partitions, settings.replication_factor) for n in missing]
+                )
+        return missing
+    finally:
+        await client.close()

@@ -1,0 +1,40 @@
+"""The Faust application: the worker process that runs Sluice's stage agents and holds its tables.
+
+``faust -A app.faust_app worker`` and ``sluice worker`` both start it. Everything is configured from
+:class:`app.settings.Settings`, so several workers (or test runs) differ only by environment.
+"""
+
+from __future__ import annotations
+
+import faust
+
+from app.settings import Settings, get_settings
+from app.topics import TopicNames
+
+
+def create_app(settings: Settings) -> faust.App:
+    settings.worker_dir.parent.mkdir(parents=True, exist_ok=True)
+    return faust.App(
+        settings.app_id,
+        broker=settings.faust_broker,
+        store="rocksdb://",
+        datadir=str(settings.worker_dir),
+        web_host=settings.worker_web_host,
+        web_port=settings.worker_web_port,
+        canonical_url=f"http://{settings.worker_web_host}:{settings.worker_web_port}",
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication_factor,
+        producer_acks=-1,
+        consumer_auto_offset_reset="earliest",
+        table_standby_replicas=0,
+        autodiscover=False,
+        web_enabled=True,
+    )
+
+
+settings = get_settings()
+topics = TopicNames(settings.topic_prefix)
+app = create_app(settings)
+
+# Agents register themselves on `app` when imported.
+import agents.tally  # noqa: E402, F401
