@@ -1,8 +1,10 @@
 """The one place that names Sluice's topics.
 
-Every stage topic is keyed by exception id, so all events of one exception land in one partition and are
-processed in order. Names are ``<prefix>.<stage>``; the prefix comes from Settings.topic_prefix, which
-lets several Sluice deployments (or tests) share one cluster.
+Stage topics are keyed by exception id, so all events of one exception land in one partition and are
+processed in order. The grouping topic is keyed by tenant and fingerprint, so repeats of one fingerprint
+meet in one partition whatever exception they belong to; an exception keeps the fingerprint of its first
+report, so its events also stay in one grouping partition, in order. Names are ``<prefix>.<name>``; the
+prefix (Settings.topic_prefix) lets several deployments or test runs share one cluster.
 """
 
 from __future__ import annotations
@@ -14,9 +16,54 @@ from dataclasses import dataclass
 class TopicNames:
     prefix: str
 
+    def _t(self, name: str) -> str:
+        return f"{self.prefix}.{name}"
+
     @property
     def ingested(self) -> str:
-        return f"{self.prefix}.ingested"
+        """ExceptionIngested, written by the API; read by intake."""
+        return self._t("ingested")
+
+    @property
+    def fingerprinted(self) -> str:
+        """ExceptionFingerprinted, keyed by tenant+fingerprint; read by grouping."""
+        return self._t("fingerprinted")
+
+    @property
+    def accepted(self) -> str:
+        """ExceptionAccepted; read by triage."""
+        return self._t("accepted")
+
+    @property
+    def triaged(self) -> str:
+        """ExceptionTriaged; read by policy."""
+        return self._t("triaged")
+
+    @property
+    def decided(self) -> str:
+        """ExceptionDecided; read by playbook."""
+        return self._t("decided")
+
+    @property
+    def planned(self) -> str:
+        """ExceptionPlanned; read by the tool stage."""
+        return self._t("planned")
+
+    @property
+    def completed(self) -> str:
+        """ExceptionCompleted: the end of the chain."""
+        return self._t("completed")
+
+    def history(self) -> list[str]:
+        """The topics whose events form an exception's history (read by the projection)."""
+        return [
+            self.ingested,
+            self.accepted,
+            self.triaged,
+            self.decided,
+            self.planned,
+            self.completed,
+        ]
 
     def all(self) -> list[str]:
-        return [self.ingested]
+        return [*self.history(), self.fingerprinted]

@@ -1,0 +1,316 @@
+"""Per-tenant configuration: triage rules, policies, playbooks, tool endpoints, API keys.
+
+Each tenant has one TOML file, ``<config_dir>/tenants/<tenant_id>.toml``; API keys live in
+``<config_dir>/api_keys.toml`` as sha256 digests (never the keys themselves). The models are frozen and
+strict (unknown keys are errors) so a typo in a rule fails loudly at load time, not silently at runtime.
+String values may reference environment variables as ``${NAME}``, expanded at load time.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import re
+import tomllib
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from schemas.events import Severity
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ConfigError(ValueError):
+    """A configuration file is missing, unreadable or invalid; the message names file and field."""
+
+
+# ------------------------------------------------------------------------------------------ matching
+
+
+class Match(Strict):
+    """Conditions on an exception; every condition given must hold. Patterns are shell globs
+    (``payments-*``), compared case-insensitively."""
+
+    source: str | None = None
+    error_type: str | None = None
+    message_contains: tuple[str, ...] = Field(
+        default=(), description="Substrings (case-insensitive); any one is enough."
+    )
+    attributes: dict[str, str] = Field(
+        default_factory=dict, description="attribute name -> glob on its string value"
+    )
+    severity: tuple[Severity, ...] = ()
+    category: tuple[str, ...] = Field(default=(), description="Globs; any one is enough.")
+
+    def matches(
+        self,
+        *,
+        source: str = "",
+        error_type: str = "",
+        message: str = "",
+        attributes: dict[str, Any] | None = None,
+        severity: Severity | None = None,
+        category: str | None = None,
+    ) -> bool:
+        if self.source is not None and not _glob(source, self.source):
+            return False
+        if self.error_type is not None and not _glob(error_type, self.error_type):
+            return False
+        if self.message_contains:
+            low = message.lower()
+            if not any(s.lower() in low for s in self.message_contains):
+                return False
+        attrs = attributes or {}
+        for name, pattern in self.attributes.items():
+            if name not in attrs or not _glob(str(attrs[name]), pattern):
+                return False
+        if self.severity and severity not in self.severity:
+            return False
+        return not (
+            self.category
+            and (category is None or not any(_glob(category, c) for c in self.category))
+        )
+
+
+def _glob(value: str, pattern: str) -> bool:
+    return fnmatch.fnmatchcase(value.lower(), pattern.lower())
+
+
+# ----------------------------------------------------------------------------------------- intake
+
+
+class IntakeConfig(Strict):
+    repeat_window_seconds: int = Field(default=3600, ge=1, le=30 * 86400)
+
+
+# ----------------------------------------------------------------------------------------- triage
+
+
+class TriageOutcome(Strict):
+    severity: Severity
+    category: str = Field(min_length=1, max_length=100)
+
+
+class TriageRule(Strict):
+    id: str = Field(min_length=1, max_length=100)
+    match: Match = Field(default_factory=Match)
+    then: TriageOutcome
+
+
+class LLMConfig(Strict):
+    """An OpenAI-compatible chat completions endpoint used to classify, when enabled."""
+
+    enabled: bool = False
+    base_url: str = Field(default="", description="e.g. http://127.0.0.1:8080/v1")
+    model: str = "gpt-4o-mini"
+    api_key_env: str | None = Field(
+        default=None, description="Name of the environment variable holding the API key."
+    )
+    timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    categories: tuple[str, ...] = Field(
+        default=(), description="Categories the model may answer; others fall back to rules."
+    )
+
+    @model_validator(mode="after")
+    def _url_when_enabled(self) -> LLMConfig:
+        if self.enabled and not self.base_url:
+            raise ValueError("triage.llm.base_url is required when triage.llm.enabled = true")
+        return self
+
+
+class TriageConfig(Strict):
+    rules: tuple[TriageRule, ...] = ()
+    default: TriageOutcome = TriageOutcome(severity=Severity.medium, category="uncategorized")
+    llm: LLMConfig = LLMConfig()
+
+
+# ----------------------------------------------------------------------------------------- policy
+
+
+class PolicyThen(Strict):
+    allowed_actions: tuple[str, ...] = Field(
+        default=("*",), description="Tool actions ('tool.action' globs) the playbook may run."
+    )
+    approval_required_for: tuple[str, ...] = Field(
+        default=(), description="'tool.action' globs that need a human approval first."
+    )
+    suppress_repeats: bool = Field(
+        default=False, description="Suppress an exception whose fingerprint repeats in window."
+    )
+
+
+class PolicyRule(Strict):
+    id: str = Field(min_length=1, max_length=100)
+    match: Match = Field(default_factory=Match)
+    then: PolicyThen
+
+
+class MaintenanceWindow(Strict):
+    id: str = Field(min_length=1, max_length=100)
+    start: AwareDatetime
+    end: AwareDatetime
+    match: Match = Field(default_factory=Match)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> MaintenanceWindow:
+        if self.end <= self.start:
+            raise ValueError(f"maintenance window {self.id!r}: end must be after start")
+        return self
+
+    def covers(self, when: datetime) -> bool:
+        return self.start <= when < self.end
+
+
+class PolicyConfig(Strict):
+    rules: tuple[PolicyRule, ...] = ()
+    default: PolicyThen = PolicyThen()
+    maintenance_windows: tuple[MaintenanceWindow, ...] = ()
+
+
+# --------------------------------------------------------------------------------------- playbook
+
+
+class StepConfig(Strict):
+    id: str = Field(min_length=1, max_length=100)
+    tool: str = Field(min_length=1, max_length=50, description="A tool name from [tools].")
+    action: str = Field(min_length=1, max_length=100)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class Playbook(Strict):
+    id: str = Field(min_length=1, max_length=100)
+    match: Match = Field(default_factory=Match)
+    steps: tuple[StepConfig, ...] = Field(min_length=1)
+
+
+# ------------------------------------------------------------------------------------------ tools
+
+
+class ToolConfig(Strict):
+    """How to reach one tool. ``kind`` picks the implementation; http kinds need ``url``."""
+
+    kind: Literal["webhook", "ticket", "notify", "noop"]
+    url: str | None = None
+    timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _url_for_http(self) -> ToolConfig:
+        if self.kind != "noop" and not self.url:
+            raise ValueError(f"a {self.kind} tool needs a url")
+        return self
+
+
+# ----------------------------------------------------------------------------------------- tenant
+
+
+class TenantConfig(Strict):
+    tenant_id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+    intake: IntakeConfig = IntakeConfig()
+    triage: TriageConfig = TriageConfig()
+    policy: PolicyConfig = PolicyConfig()
+    playbooks: tuple[Playbook, ...] = ()
+    tools: dict[str, ToolConfig] = Field(default_factory=lambda: {"noop": ToolConfig(kind="noop")})
+
+    @model_validator(mode="after")
+    def _steps_use_known_tools(self) -> TenantConfig:
+        for pb in self.playbooks:
+            for step in pb.steps:
+                if step.tool not in self.tools:
+                    raise ValueError(
+                        f"playbook {pb.id!r} step {step.id!r} uses tool {step.tool!r}, which is "
+                        f"not declared under [tools] (declared: {sorted(self.tools)})"
+                    )
+        return self
+
+
+class ApiKey(Strict):
+    tenant_id: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    name: str = ""
+
+
+class ApiKeys(Strict):
+    keys: tuple[ApiKey, ...] = ()
+
+    def tenant_for(self, key: str) -> str | None:
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        for entry in self.keys:
+            if entry.sha256 == digest:
+                return entry.tenant_id
+        return None
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand(value: Any, where: Path) -> Any:
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            name = m.group(1)
+            if name not in os.environ:
+                raise ConfigError(f"{where}: environment variable {name} is referenced but unset")
+            return os.environ[name]
+
+        return _ENV_REF.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: _expand(v, where) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, where) for v in value]
+    return value
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            expanded: dict[str, Any] = _expand(tomllib.load(fh), path)
+            return expanded
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+
+
+def _describe(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}"
+        for err in exc.errors()
+    )
+
+
+def load_tenant(path: Path) -> TenantConfig:
+    data = _read_toml(path)
+    try:
+        tenant = TenantConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {_describe(exc)}") from exc
+    if tenant.tenant_id != path.stem:
+        raise ConfigError(
+            f"{path}: tenant_id {tenant.tenant_id!r} must match the file name ({path.stem!r})"
+        )
+    return tenant
+
+
+def load_tenants(config_dir: Path) -> dict[str, TenantConfig]:
+    folder = config_dir / "tenants"
+    if not folder.is_dir():
+        raise ConfigError(f"{folder} does not exist: Sluice needs one TOML file per tenant there")
+    return {p.stem: load_tenant(p) for p in sorted(folder.glob("*.toml"))}
+
+
+def load_api_keys(config_dir: Path) -> ApiKeys:
+    path = config_dir / "api_keys.toml"
+    data = _read_toml(path)
+    try:
+        return ApiKeys.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {_describe(exc)}") from exc

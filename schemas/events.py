@@ -1,0 +1,248 @@
+"""Sluice's events: one envelope, one past-tense event type per stage outcome, typed payloads.
+
+Every event shares the envelope fields (:class:`EventBase`); ``event_type`` is the discriminator that
+selects the payload model, so ``Event`` is a discriminated union that pydantic validates in one pass.
+Events are frozen: they are facts.
+
+A stage derives its output's ``event_id`` from its input's (:func:`derive_event_id`), so a redelivered
+input produces an output with the same id, and the next stage's idempotency table drops the copy.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+
+SCHEMA_VERSION = 1
+
+# Namespace for the uuid5 ids Sluice derives; fixed forever, changing it would change every derived id.
+SLUICE_NAMESPACE = uuid.UUID("6f1c3f5e-2a51-4c5e-9d1b-5b7e3f0c9a42")
+
+
+def derive_event_id(input_event_id: uuid.UUID, stage: str) -> uuid.UUID:
+    """The id of the event ``stage`` emits for ``input_event_id``: the same input gives the same id."""
+    return uuid.uuid5(SLUICE_NAMESPACE, f"{input_event_id}:{stage}")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Severity(StrEnum):
+    critical = "critical"
+    high = "high"
+    medium = "medium"
+    low = "low"
+    info = "info"
+
+
+class Stage(StrEnum):
+    """Where an exception is in the pipeline; the order of members is the order of the stages."""
+
+    ingested = "ingested"
+    intake = "intake"
+    triage = "triage"
+    policy = "policy"
+    playbook = "playbook"
+    tool = "tool"
+
+
+class Decision(StrEnum):
+    proceed = "proceed"
+    suppressed = "suppressed"
+    awaiting_approval = "awaiting_approval"
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Payloads, one per event type.
+
+
+class ExceptionReport(Frozen):
+    """What a producer reported: the body of POST /v1/exceptions, as accepted (tenant from the key)."""
+
+    source: str = Field(min_length=1, max_length=200, description="System that raised it.")
+    error_type: str = Field(min_length=1, max_length=200, description="Machine-readable kind.")
+    message: str = Field(min_length=1, max_length=10_000, description="Human-readable message.")
+    occurred_at: AwareDatetime | None = Field(default=None, description="When it happened (UTC).")
+    external_ref: str | None = Field(
+        default=None, max_length=200, description="The producer's own id for it."
+    )
+    attributes: dict[str, Any] = Field(
+        default_factory=dict, description="Free-form context (amount, order id, region...)."
+    )
+
+
+class IngestedPayload(Frozen):
+    report: ExceptionReport
+    request_hash: str = Field(description="sha256 of the canonical request body (idempotency).")
+    idempotency_key: str | None = None
+
+
+class FingerprintedPayload(Frozen):
+    """Intake's internal hand-over to grouping (keyed by fingerprint); not part of the history."""
+
+    report: ExceptionReport
+    normalized_message: str
+    fingerprint: str
+
+
+class AcceptedPayload(Frozen):
+    report: ExceptionReport
+    normalized_message: str
+    fingerprint: str
+    occurrences_in_window: int = Field(ge=1, description="Events with this fingerprint in window.")
+    is_repeat: bool
+    first_seen_at: AwareDatetime
+
+
+class TriagedPayload(Frozen):
+    severity: Severity
+    category: str
+    rule_id: str
+    classifier: Literal["rules", "llm"] = "rules"
+    classifier_note: str | None = None
+
+
+class DecidedPayload(Frozen):
+    decision: Decision
+    reason: str
+    policy_id: str
+    allowed_actions: tuple[str, ...] = ()
+    approval_required_for: tuple[str, ...] = ()
+    severity: Severity
+    category: str
+
+
+class PlannedStep(Frozen):
+    step_id: str
+    tool: str
+    action: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class PlannedPayload(Frozen):
+    playbook_id: str
+    steps: tuple[PlannedStep, ...]
+
+
+class StepResult(Frozen):
+    step_id: str
+    tool: str
+    action: str
+    idempotency_key: str
+    status: Literal["succeeded", "failed", "skipped"]
+    detail: dict[str, Any] = Field(default_factory=dict)
+    replayed: bool = Field(
+        default=False, description="True when the ledger already held the result: no new call."
+    )
+
+
+class CompletedPayload(Frozen):
+    playbook_id: str
+    results: tuple[StepResult, ...]
+    outcome: Literal["resolved", "failed"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The envelope and the union.
+
+
+class EventBase(Frozen):
+    event_id: uuid.UUID
+    schema_version: int = SCHEMA_VERSION
+    tenant_id: str = Field(min_length=1, max_length=64)
+    exception_id: str = Field(min_length=1, max_length=128)
+    sequence: int = Field(ge=1, description="Position of the event in its exception's chain.")
+    occurred_at: AwareDatetime
+    causation_id: uuid.UUID | None = Field(description="The event that caused this one.")
+    correlation_id: uuid.UUID = Field(description="Shared by every event of one ingestion.")
+
+    @field_validator("occurred_at")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        return value.astimezone(UTC)
+
+
+class ExceptionIngested(EventBase):
+    event_type: Literal["ExceptionIngested"] = "ExceptionIngested"
+    payload: IngestedPayload
+
+
+class ExceptionFingerprinted(EventBase):
+    event_type: Literal["ExceptionFingerprinted"] = "ExceptionFingerprinted"
+    payload: FingerprintedPayload
+
+
+class ExceptionAccepted(EventBase):
+    event_type: Literal["ExceptionAccepted"] = "ExceptionAccepted"
+    payload: AcceptedPayload
+
+
+class ExceptionTriaged(EventBase):
+    event_type: Literal["ExceptionTriaged"] = "ExceptionTriaged"
+    payload: TriagedPayload
+
+
+class ExceptionDecided(EventBase):
+    event_type: Literal["ExceptionDecided"] = "ExceptionDecided"
+    payload: DecidedPayload
+
+
+class ExceptionPlanned(EventBase):
+    event_type: Literal["ExceptionPlanned"] = "ExceptionPlanned"
+    payload: PlannedPayload
+
+
+class ExceptionCompleted(EventBase):
+    event_type: Literal["ExceptionCompleted"] = "ExceptionCompleted"
+    payload: CompletedPayload
+
+
+Event = Annotated[
+    ExceptionIngested
+    | ExceptionFingerprinted
+    | ExceptionAccepted
+    | ExceptionTriaged
+    | ExceptionDecided
+    | ExceptionPlanned
+    | ExceptionCompleted,
+    Field(discriminator="event_type"),
+]
+
+# Which stage emits which event type: the projection uses it to say where an exception is.
+STAGE_OF_EVENT: dict[str, Stage] = {
+    "ExceptionIngested": Stage.ingested,
+    "ExceptionAccepted": Stage.intake,
+    "ExceptionTriaged": Stage.triage,
+    "ExceptionDecided": Stage.policy,
+    "ExceptionPlanned": Stage.playbook,
+    "ExceptionCompleted": Stage.tool,
+}
+
+
+E = TypeVar("E", bound=EventBase)
+
+
+def follow(cause: EventBase, event_cls: type[E], stage: str, payload: Frozen, now: datetime) -> E:
+    """The event ``stage`` emits in response to ``cause``: derived id, same exception and
+    correlation, next sequence."""
+    return event_cls.model_validate(
+        {
+            "event_id": derive_event_id(cause.event_id, stage),
+            "tenant_id": cause.tenant_id,
+            "exception_id": cause.exception_id,
+            "sequence": cause.sequence + 1,
+            "occurred_at": now,
+            "causation_id": cause.event_id,
+            "correlation_id": cause.correlation_id,
+            "payload": payload,
+        }
+    )
