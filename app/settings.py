@@ -48,6 +48,28 @@ class Settings(BaseSettings):
     )
     log_level: str = "WARNING"
 
+    config_dir: Path = Field(
+        default=Path("config/example"),
+        description="Folder with api_keys.toml and tenants/<tenant_id>.toml.",
+    )
+    # Ingest API
+    idempotency_key_ttl_seconds: int = Field(default=86_400, ge=60)
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, description="Larger bodies get 413.")
+    max_batch_items: int = Field(default=500, ge=1, le=10_000)
+    produce_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="Longer without a broker ack and the API answers 503."
+    )
+    worker_read_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Worker
+    processed_ttl_seconds: int = Field(
+        default=7 * 86_400,
+        ge=60,
+        description="How long a stage remembers processed event ids (duplicate detection).",
+    )
+    tool_max_attempts: int = Field(default=3, ge=1, le=20)
+    tool_backoff_base_seconds: float = Field(default=0.2, ge=0)
+    tool_backoff_max_seconds: float = Field(default=10.0, ge=0)
+
     @field_validator("kafka_bootstrap_servers")
     @classmethod
     def _bootstrap_not_empty(cls, value: str) -> str:

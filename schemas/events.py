@@ -103,7 +103,20 @@ class AcceptedPayload(Frozen):
     first_seen_at: AwareDatetime
 
 
+class ExceptionContext(Frozen):
+    """What later stages need to know about the exception, carried forward from stage to stage so
+    each stage stays a pure function of its input event (no lookups into another stage's state)."""
+
+    report: ExceptionReport
+    fingerprint: str
+    is_repeat: bool
+    occurrences_in_window: int
+    severity: Severity | None = None
+    category: str | None = None
+
+
 class TriagedPayload(Frozen):
+    context: ExceptionContext
     severity: Severity
     category: str
     rule_id: str
@@ -112,13 +125,12 @@ class TriagedPayload(Frozen):
 
 
 class DecidedPayload(Frozen):
+    context: ExceptionContext
     decision: Decision
     reason: str
     policy_id: str
     allowed_actions: tuple[str, ...] = ()
     approval_required_for: tuple[str, ...] = ()
-    severity: Severity
-    category: str
 
 
 class PlannedStep(Frozen):
@@ -126,11 +138,22 @@ class PlannedStep(Frozen):
     tool: str
     action: str
     params: dict[str, Any] = Field(default_factory=dict)
+    requires_approval: bool = False
+
+
+class SkippedStep(Frozen):
+    step_id: str
+    reason: str
 
 
 class PlannedPayload(Frozen):
-    playbook_id: str
-    steps: tuple[PlannedStep, ...]
+    context: ExceptionContext
+    playbook_id: str = Field(description="'none' when no playbook matched.")
+    steps: tuple[PlannedStep, ...] = ()
+    skipped: tuple[SkippedStep, ...] = Field(default=(), description="Steps policy did not allow.")
+    awaiting_approval: bool = Field(
+        default=False, description="A step needs approval: the tool stage does not run the plan."
+    )
 
 
 class StepResult(Frozen):
@@ -148,7 +171,7 @@ class StepResult(Frozen):
 class CompletedPayload(Frozen):
     playbook_id: str
     results: tuple[StepResult, ...]
-    outcome: Literal["resolved", "failed"]
+    outcome: Literal["resolved", "failed", "no_action"]
 
 
 # ---------------------------------------------------------------------------------------------------

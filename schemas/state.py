@@ -53,7 +53,9 @@ class ExceptionState(BaseModel):
     tenant_id: str
     stage: Stage = Field(description="The last stage the exception has passed.")
     status: str = Field(
-        description="received | in_progress | suppressed | awaiting_approval | resolved | failed"
+        description=(
+            "received | in_progress | suppressed | awaiting_approval | resolved | failed | no_action"
+        )
     )
     source: str | None = None
     error_type: str | None = None
@@ -140,6 +142,8 @@ def fold(exception_id: str, tenant_id: str, history: list[HistoryEntry]) -> Exce
                 fields["status"] = p["decision"]
         elif h.event_type == ExceptionPlanned.__name__:
             fields["playbook_id"] = p["playbook_id"]
+            if p.get("awaiting_approval"):
+                fields["status"] = "awaiting_approval"
         elif h.event_type == ExceptionCompleted.__name__:
             fields["tool_results"] = tuple(StepResult.model_validate(r) for r in p["results"])
             fields["status"] = p["outcome"]
