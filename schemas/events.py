@@ -115,6 +115,14 @@ class ExceptionContext(Frozen):
     category: str | None = None
 
 
+class Classification(Frozen):
+    """A classifier's answer (the optional LLM); triage uses it instead of the rules when given."""
+
+    severity: Severity
+    category: str = Field(min_length=1, max_length=100)
+    note: str | None = Field(default=None, max_length=1000)
+
+
 class TriagedPayload(Frozen):
     context: ExceptionContext
     severity: Severity
