@@ -188,6 +188,15 @@ class Playbook(Strict):
     match: Match = Field(default_factory=Match)
     steps: tuple[StepConfig, ...] = Field(min_length=1)
 
+    @model_validator(mode="after")
+    def _unique_step_ids(self) -> Playbook:
+        # Step ids are part of each tool call's idempotency key: two equal ids would share one.
+        ids = [s.id for s in self.steps]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"playbook {self.id!r} repeats step ids {dupes}; make them unique")
+        return self
+
 
 # ------------------------------------------------------------------------------------------ tools
 
@@ -217,6 +226,14 @@ class TenantConfig(Strict):
     policy: PolicyConfig = PolicyConfig()
     playbooks: tuple[Playbook, ...] = ()
     tools: dict[str, ToolConfig] = Field(default_factory=lambda: {"noop": ToolConfig(kind="noop")})
+
+    @model_validator(mode="after")
+    def _tool_names(self) -> TenantConfig:
+        # Policies name actions as "tool.action" globs, so a tool name must not contain a dot.
+        bad = [n for n in self.tools if not re.fullmatch(r"[a-z0-9_-]{1,50}", n)]
+        if bad:
+            raise ValueError(f"tool names {bad} must be 1-50 of a-z, 0-9, '_' or '-'")
+        return self
 
     @model_validator(mode="after")
     def _steps_use_known_tools(self) -> TenantConfig:
