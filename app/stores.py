@@ -1,0 +1,131 @@
+"""The state the stages keep, behind two small protocols so the cores never know where it lives.
+
+A stage remembers which input event ids it has handled (:class:`ProcessedStore`, the duplicate filter
+for redelivered messages), and the tool stage remembers which tool steps have completed
+(:class:`Ledger`, so a redelivered plan replays results instead of calling a tool twice).
+
+Both implementations here are thin layers over any string-keyed mapping of bytes: a plain ``dict`` in
+unit tests, a ``rocksdict.Rdict`` for a local RocksDB store, or a Faust table (a changelogged
+MutableMapping) in the worker. Values are compact orjson documents that keep the time of the write, so
+:meth:`expire` can bound the growth of a store that would otherwise remember every event forever.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import orjson
+from pydantic import ValidationError
+
+from schemas.events import StepResult
+
+
+class BytesMapping(Protocol):
+    """The part of ``MutableMapping[str, bytes]`` the stores use; dict, Rdict and Faust tables fit."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+    def __setitem__(self, key: str, value: bytes, /) -> None: ...
+
+    def __delitem__(self, key: str, /) -> None: ...
+
+    def __contains__(self, key: object, /) -> bool: ...
+
+    def items(self) -> Iterable[tuple[Any, Any]]: ...
+
+
+class ProcessedStore(Protocol):
+    """Which input event ids a stage has already handled."""
+
+    def seen(self, event_id: str) -> bool: ...
+
+    def mark(self, event_id: str, at: datetime) -> None: ...
+
+    def expire(self, before: datetime) -> int:
+        """Forget ids marked before ``before``; return how many were forgotten."""
+        ...
+
+
+class Ledger(Protocol):
+    """Completed tool steps, by idempotency key."""
+
+    def get(self, key: str) -> StepResult | None: ...
+
+    def put(self, key: str, result: StepResult, at: datetime) -> None: ...
+
+    def expire(self, before: datetime) -> int:
+        """Forget results written before ``before``; return how many were forgotten."""
+        ...
+
+
+def _epoch(at: datetime) -> float:
+    # A naive datetime would be read as local time and shift every expiry by the UTC offset.
+    if at.tzinfo is None or at.utcoffset() is None:
+        raise ValueError(
+            f"store timestamps must be timezone-aware (got naive {at.isoformat()}); "
+            "pass datetime.now(UTC) or an event's occurred_at"
+        )
+    return at.astimezone(UTC).timestamp()
+
+
+def _expire(mapping: BytesMapping, cutoff: float, stamp_of: Callable[[bytes], float]) -> int:
+    # Collect first, delete after: RocksDB iterators and Faust tables must not change under a scan.
+    old = [key for key, raw in mapping.items() if stamp_of(raw) < cutoff]
+    for key in old:
+        del mapping[key]
+    return len(old)
+
+
+class MappingProcessedStore:
+    """A :class:`ProcessedStore` over a mapping; the value is the mark time in epoch seconds."""
+
+    def __init__(self, mapping: BytesMapping) -> None:
+        self._mapping = mapping
+
+    def seen(self, event_id: str) -> bool:
+        return event_id in self._mapping
+
+    def mark(self, event_id: str, at: datetime) -> None:
+        # Re-marking keeps the first time: a redelivery must not extend how long an id is kept,
+        # and skipping the write saves a changelog message per duplicate on a Faust table.
+        if event_id in self._mapping:
+            return
+        self._mapping[event_id] = orjson.dumps(_epoch(at))
+
+    def expire(self, before: datetime) -> int:
+        return _expire(self._mapping, _epoch(before), _processed_stamp)
+
+
+def _processed_stamp(raw: bytes) -> float:
+    return float(orjson.loads(raw))
+
+
+class MappingLedger:
+    """A :class:`Ledger` over a mapping; the value is ``{"t": epoch seconds, "r": StepResult}``."""
+
+    def __init__(self, mapping: BytesMapping) -> None:
+        self._mapping = mapping
+
+    def get(self, key: str) -> StepResult | None:
+        if key not in self._mapping:
+            return None
+        raw = orjson.loads(self._mapping[key])
+        try:
+            return StepResult.model_validate(raw["r"])
+        except (KeyError, TypeError, ValidationError) as exc:
+            raise ValueError(
+                f"ledger entry {key!r} is not a stored step result ({exc}); "
+                "the store holds data this version of Sluice did not write"
+            ) from exc
+
+    def put(self, key: str, result: StepResult, at: datetime) -> None:
+        self._mapping[key] = orjson.dumps({"t": _epoch(at), "r": result.model_dump(mode="json")})
+
+    def expire(self, before: datetime) -> int:
+        return _expire(self._mapping, _epoch(before), _ledger_stamp)
+
+
+def _ledger_stamp(raw: bytes) -> float:
+    return float(orjson.loads(raw)["t"])
