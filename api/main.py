@@ -1,20 +1,109 @@
-"""The HTTP API process: ingest and query endpoints in front of Kafka and the workers' tables."""
+"""The HTTP API process: ingest and query endpoints in front of Kafka and the workers' tables.
+
+``create_api(settings)`` builds the application; the module-level ``app`` is what ``sluice api`` serves
+(``uvicorn api.main:app``). The lifespan loads the API keys once (a configuration error stops the
+process at startup, with the error's text), starts the Kafka producer in the background (the API starts
+and answers 503 while the broker is unreachable) and opens the HTTP client to the workers; it closes them
+on shutdown. A body size limit sits in front of everything (413), and every error is a problem document.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
 from fastapi import FastAPI
 
-from api.routes import health
+from api import errors
+from api.body_limit import BodyLimitMiddleware
+from api.deps import Runtime
+from api.idempotency import Idempotency
+from api.producer import KafkaEventProducer
+from api.reader import WorkerReader
+from api.routes import exceptions, health
+from app.settings import Settings, get_settings
+from schemas.config import ConfigError, load_api_keys
+
+log = logging.getLogger("sluice.api")
+
+_DESCRIPTION = """
+Ingest operational exceptions and follow them through the Sluice pipeline
+(intake, triage, policy, playbook, tools).
+
+Every `/v1` request carries the tenant's API key in `X-API-Key`; it decides the tenant, and every read
+is scoped to it. Reports are accepted with **202** once Kafka has acknowledged them; errors are
+[RFC 9457](https://www.rfc-editor.org/rfc/rfc9457) problem documents.
+"""
 
 
-def create_api() -> FastAPI:
+def create_api(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            api_keys = load_api_keys(settings.config_dir)
+        except ConfigError as exc:
+            log.error("The Sluice API cannot start: %s", exc)
+            raise
+        if not api_keys.keys:
+            log.warning(
+                "%s lists no API keys: every /v1 request will be refused with 401",
+                settings.config_dir / "api_keys.toml",
+            )
+        producer = KafkaEventProducer(settings)
+        producer.start()
+        reader = WorkerReader(settings)
+        app.state.runtime = Runtime(
+            settings=settings,
+            api_keys=api_keys,
+            producer=producer,
+            reader=reader,
+            idempotency=Idempotency(settings.idempotency_key_ttl_seconds),
+        )
+        try:
+            yield
+        finally:
+            app.state.runtime = None
+            await reader.close()
+            await producer.close()
+
     api = FastAPI(
         title="Sluice",
         version="0.1.0",
-        description="Ingest operational exceptions and follow them through the Sluice pipeline.",
+        description=_DESCRIPTION,
+        lifespan=lifespan,
     )
+    errors.install(api)
+    api.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     api.include_router(health.router)
+    api.include_router(exceptions.router)
+
+    generate = api.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = api.openapi_schema
+        if schema is None:  # generate() caches what it returns, so this runs once
+            schema = generate()
+            _problem_media_type(schema)
+        return schema
+
+    api.openapi = openapi  # type: ignore[method-assign]
     return api
+
+
+def _problem_media_type(schema: dict[str, Any]) -> None:
+    """Error answers are application/problem+json; FastAPI documents every model as application/json."""
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            for status, response in operation.get("responses", {}).items():
+                content = response.get("content", {})
+                if status.startswith(("4", "5")) and "application/json" in content:
+                    media = content["application/json"]
+                    if media.get("schema", {}).get("$ref", "").endswith("/Problem"):
+                        content["application/problem+json"] = content.pop("application/json")
 
 
 app = create_api()

@@ -1,0 +1,148 @@
+"""The API's read path: exception state comes from the workers' tables, over HTTP.
+
+The API holds no state. Any worker answers a read for any exception (it routes the request to the
+worker that owns the exception's partition), so :class:`WorkerReader` tries ``Settings.worker_urls`` in
+turn and uses the first that answers; when none does it raises :class:`WorkerUnavailable` (the routes
+answer 503). The worker contract:
+
+- ``GET {worker}/sluice/exceptions/{exception_id}?tenant=<t>`` -> 200 ``{"state", "history"}``, or 404
+  when the exception is unknown or belongs to another tenant;
+- ``GET {worker}/sluice/exceptions?tenant=<t>&status=&severity=&stage=&limit=&cursor=`` -> 200
+  ``{"items", "next_cursor"}``.
+
+Tenant scoping is also checked here, so a worker bug cannot leak another tenant's exception.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+from urllib.parse import quote
+
+import httpx
+from pydantic import ValidationError
+
+from app.settings import Settings
+from schemas.api import ExceptionListPublic
+from schemas.state import ExceptionRecord
+
+log = logging.getLogger("sluice.api.reader")
+
+
+class WorkerUnavailable(Exception):
+    """No worker answered; the message says which were tried and why each failed."""
+
+
+class ExceptionReader(Protocol):
+    async def get_exception(self, tenant_id: str, exception_id: str) -> ExceptionRecord | None:
+        """The exception's state and history, or None when the tenant has no such exception."""
+        ...
+
+    async def list_exceptions(
+        self,
+        tenant_id: str,
+        *,
+        status: str | None = None,
+        severity: str | None = None,
+        stage: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> ExceptionListPublic: ...
+
+
+class _NotFound(Exception):
+    pass
+
+
+class WorkerReader:
+    def __init__(
+        self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        self._urls = [u.rstrip("/") for u in settings.worker_urls]
+        self._client = httpx.AsyncClient(
+            timeout=settings.worker_read_timeout_seconds, transport=transport
+        )
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def get_exception(self, tenant_id: str, exception_id: str) -> ExceptionRecord | None:
+        path = f"/sluice/exceptions/{quote(exception_id, safe='')}"
+        try:
+            data = await self._get(path, {"tenant": tenant_id}, not_found_is_answer=True)
+        except _NotFound:
+            return None
+        try:
+            record = ExceptionRecord.model_validate(data)
+        except ValidationError as exc:
+            raise WorkerUnavailable(
+                f"The worker's answer for exception {exception_id} is not a valid record ({exc})."
+            ) from exc
+        if record.state.tenant_id != tenant_id or record.state.exception_id != exception_id:
+            log.warning(
+                "worker answered exception %s of tenant %s for a read of %s by tenant %s",
+                record.state.exception_id,
+                record.state.tenant_id,
+                exception_id,
+                tenant_id,
+            )
+            return None
+        return record
+
+    async def list_exceptions(
+        self,
+        tenant_id: str,
+        *,
+        status: str | None = None,
+        severity: str | None = None,
+        stage: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> ExceptionListPublic:
+        params: dict[str, str | int] = {"tenant": tenant_id, "limit": limit}
+        for name, value in (
+            ("status", status),
+            ("severity", severity),
+            ("stage", stage),
+            ("cursor", cursor),
+        ):
+            if value is not None:
+                params[name] = value
+        data = await self._get("/sluice/exceptions", params, not_found_is_answer=False)
+        try:
+            page = ExceptionListPublic.model_validate(data)
+        except ValidationError as exc:
+            raise WorkerUnavailable(f"The worker's list answer is not valid ({exc}).") from exc
+        items = [s for s in page.items if s.tenant_id == tenant_id]
+        if len(items) != len(page.items):
+            log.warning("worker listed exceptions of other tenants for tenant %s", tenant_id)
+            page = ExceptionListPublic(items=items, next_cursor=page.next_cursor)
+        return page
+
+    async def _get(
+        self, path: str, params: dict[str, str | int], *, not_found_is_answer: bool
+    ) -> Any:
+        """The JSON of the first worker that answers; a 404 is an answer only for single reads."""
+        failures: list[str] = []
+        for base in self._urls:
+            url = base + path
+            try:
+                resp = await self._client.get(url, params=params)
+            except httpx.HTTPError as exc:
+                failures.append(f"{base}: {exc or type(exc).__name__}")
+                continue
+            if resp.status_code == 404 and not_found_is_answer:
+                raise _NotFound
+            if resp.status_code != 200:
+                failures.append(f"{base}: HTTP {resp.status_code}")
+                continue
+            try:
+                return resp.json()
+            except ValueError:
+                failures.append(f"{base}: the answer is not JSON")
+        log.warning("no worker answered %s: %s", path, "; ".join(failures))
+        raise WorkerUnavailable(
+            "No Sluice worker answered the read ("
+            + ("; ".join(failures) or "SLUICE_WORKER_URLS is empty")
+            + ")."
+        )

@@ -1,0 +1,330 @@
+"""/v1/exceptions: report exceptions (one, or a batch) and read them back, scoped to the caller's tenant.
+
+Writes go to Kafka and answer 202 only after the broker acknowledged them (``api.producer``); reads go
+to the workers' tables over HTTP (``api.reader``). The ingestion logic itself is ``api.ingest`` (pure)
+and ``api.idempotency`` (Idempotency-Key).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Path, Query, Response
+from pydantic import ValidationError
+
+from api import ingest
+from api.deps import (
+    IdempotencyDep,
+    IdempotencyKeyDep,
+    ProducerDep,
+    ReaderDep,
+    SettingsDep,
+    TenantDep,
+)
+from api.errors import RETRY_AFTER_SECONDS, ApiProblem, describe, field_errors, unavailable
+from api.idempotency import HEADER as IDEMPOTENCY_HEADER
+from api.idempotency import Claim
+from api.producer import SendFailure
+from api.reader import ExceptionReader, WorkerUnavailable
+from app.topics import TopicNames
+from schemas.api import (
+    BatchCreate,
+    BatchItemResult,
+    BatchResult,
+    EventPublic,
+    ExceptionCreate,
+    ExceptionCreated,
+    ExceptionListPublic,
+    ExceptionPublic,
+    ExceptionStatus,
+    FieldError,
+    Problem,
+)
+from schemas.events import Severity, Stage, utcnow
+from schemas.state import ExceptionRecord
+
+router = APIRouter(prefix="/v1/exceptions", tags=["exceptions"])
+
+_DESCRIPTIONS = {
+    400: "A header is malformed or not supported here (the detail names it).",
+    401: "X-API-Key is missing or not a valid key.",
+    404: "The tenant has no exception with this id.",
+    409: "A request with the same Idempotency-Key is still in flight.",
+    413: "The request body (or the event made of it) is too large.",
+    422: "The request is invalid; `errors` names each invalid field and why.",
+    503: "Kafka or the workers cannot be reached; retry after Retry-After seconds.",
+}
+
+
+def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": Problem, "description": _DESCRIPTIONS[code]} for code in codes}
+
+
+ExceptionIdPath = Annotated[
+    str,
+    Path(min_length=1, max_length=128, description="The id answered by POST /v1/exceptions."),
+]
+
+_CREATE_DESCRIPTION = f"""
+Report one exception. The tenant is the tenant of the `X-API-Key`; the body never names it.
+
+The answer is **202 Accepted** once Kafka has acknowledged the event (acks=all), with `Location:
+/v1/exceptions/{{exception_id}}` where the exception's state can be read (it may take a moment for
+the workers to show it). When Kafka cannot be reached or does not acknowledge in time the answer is
+**503** with `Retry-After`; a 503 never means the report was accepted, but the report may still reach
+Kafka later, so retry it with an `Idempotency-Key`.
+
+**Idempotency-Key** (IETF httpapi draft): a retry carrying the same key and the same body answers the
+same 202 (same exception id, `Idempotent-Replayed: true`) and never creates a second exception. The
+same key with a different body answers 422; a retry while the first request is still in flight answers
+409. Keys are scoped to the tenant and expire between 1 and 2 times SLUICE_IDEMPOTENCY_KEY_TTL_SECONDS
+(default 24 h) after their first use. Retry-After on a 503 is {RETRY_AFTER_SECONDS} seconds.
+"""
+
+
+@router.post(
+    "",
+    status_code=202,
+    summary="Report an exception",
+    description=_CREATE_DESCRIPTION,
+    response_description="Accepted: the event is on Kafka.",
+    responses={
+        202: {
+            "headers": {
+                "Location": {
+                    "description": "/v1/exceptions/{exception_id}",
+                    "schema": {"type": "string"},
+                },
+                "Idempotent-Replayed": {
+                    "description": "'true' when this answers an earlier request with the same key.",
+                    "schema": {"type": "string"},
+                },
+            }
+        },
+        **_problems(400, 401, 409, 413, 422, 503),
+    },
+)
+async def create_exception(
+    body: ExceptionCreate,
+    tenant: TenantDep,
+    settings: SettingsDep,
+    producer: ProducerDep,
+    reader: ReaderDep,
+    idempotency: IdempotencyDep,
+    idempotency_key: IdempotencyKeyDep,
+    response: Response,
+) -> ExceptionCreated:
+    body_hash = ingest.request_hash(body)
+    if idempotency_key is None:
+        claim = Claim(ingest.new_exception_id(), replay=False)
+    else:
+        claim = await idempotency.claim(tenant, idempotency_key, body_hash, reader)
+    if not claim.replay:
+        event = ingest.build_event(
+            tenant,
+            claim.exception_id,
+            body,
+            body_hash=body_hash,
+            idempotency_key=idempotency_key,
+            now=utcnow(),
+        )
+        record = ingest.to_record(event, TopicNames(settings.topic_prefix))
+        try:
+            [failure] = await producer.send_many([record])
+        except BaseException:
+            if idempotency_key is not None:
+                idempotency.release(tenant, idempotency_key)
+            raise
+        if idempotency_key is not None:
+            if failure is None:
+                idempotency.complete(tenant, idempotency_key)
+            else:
+                idempotency.release(tenant, idempotency_key)
+        if failure is not None:
+            raise _send_problem(failure, retry_with_key=idempotency_key is not None)
+    created = ingest.created(tenant, claim.exception_id)
+    response.headers["Location"] = created.status_url
+    if claim.replay:
+        response.headers["Idempotent-Replayed"] = "true"
+    return created
+
+
+@router.post(
+    ":batch",
+    summary="Report several exceptions",
+    description=(
+        "Report up to SLUICE_MAX_BATCH_ITEMS exceptions (default 500) in one request. Items are "
+        "validated one by one: an invalid item gets status_code 422 and its `errors`, and does not "
+        "stop the others. Valid items are all sent to Kafka, then the acks awaited together; each "
+        "gets 202 (accepted, with its exception_id and location) or 503 (not accepted; retry it). "
+        "The answer is 200 with a result per item, in input order, whenever the batch itself was "
+        "readable. Idempotency-Key is not supported here: to retry safely, send reports one by one "
+        "to POST /v1/exceptions with a key each."
+    ),
+    responses=_problems(400, 401, 413, 422),
+    response_model_exclude_none=True,
+)
+async def create_exceptions_batch(
+    batch: BatchCreate,
+    tenant: TenantDep,
+    settings: SettingsDep,
+    producer: ProducerDep,
+    response: Response,
+    idempotency_key: Annotated[
+        str | None, Header(alias=IDEMPOTENCY_HEADER, include_in_schema=False)
+    ] = None,
+) -> BatchResult:
+    if idempotency_key is not None:
+        raise ApiProblem(
+            400,
+            f"The {IDEMPOTENCY_HEADER} header is not supported on a batch. Send the batch without "
+            f"it, or send each report to POST /v1/exceptions with its own {IDEMPOTENCY_HEADER}.",
+        )
+    if len(batch.items) > settings.max_batch_items:
+        msg = (
+            f"A batch holds at most {settings.max_batch_items} items and this one has "
+            f"{len(batch.items)}; split it into smaller batches."
+        )
+        raise ApiProblem(
+            422,
+            msg,
+            errors=[FieldError(loc=["body", "items"], field="items", msg=msg, type="too_long")],
+        )
+
+    results: list[BatchItemResult | None] = [None] * len(batch.items)
+    queued: list[tuple[int, str]] = []
+    records = []
+    topics = TopicNames(settings.topic_prefix)
+    now = utcnow()
+    for index, raw in enumerate(batch.items):
+        try:
+            item = ExceptionCreate.model_validate(raw)
+        except ValidationError as exc:
+            errors = field_errors(exc.errors())
+            results[index] = BatchItemResult(
+                index=index,
+                status_code=422,
+                detail=f"The item is invalid: {describe(errors, whole='(the item)')}.",
+                errors=errors,
+            )
+            continue
+        exception_id = ingest.new_exception_id()
+        event = ingest.build_event(
+            tenant,
+            exception_id,
+            item,
+            body_hash=ingest.request_hash(item),
+            idempotency_key=None,
+            now=now,
+        )
+        records.append(ingest.to_record(event, topics))
+        queued.append((index, exception_id))
+
+    failures = await producer.send_many(records) if records else []
+    for (index, exception_id), failure in zip(queued, failures, strict=True):
+        if failure is None:
+            created = ingest.created(tenant, exception_id)
+            results[index] = BatchItemResult(
+                index=index,
+                status_code=202,
+                exception_id=exception_id,
+                event_id=created.event_id,
+                location=created.status_url,
+            )
+        else:
+            results[index] = BatchItemResult(
+                index=index, status_code=failure.status, detail=failure.detail
+            )
+    done = [r for r in results if r is not None]
+    accepted = sum(1 for r in done if r.status_code == 202)
+    if any(r.status_code == 503 for r in done):
+        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    return BatchResult(results=done, accepted=accepted, rejected=len(done) - accepted)
+
+
+@router.get(
+    "",
+    summary="List exceptions",
+    description=(
+        "The tenant's exceptions, newest first as the workers order them, filtered by status, "
+        "severity and stage. Pass `next_cursor` back as `cursor` for the next page."
+    ),
+    responses=_problems(401, 422, 503),
+)
+async def list_exceptions(
+    tenant: TenantDep,
+    reader: ReaderDep,
+    status: ExceptionStatus | None = None,
+    severity: Severity | None = None,
+    stage: Stage | None = None,
+    limit: Annotated[int, Query(ge=1, le=200, description="Page size.")] = 50,
+    cursor: Annotated[
+        str | None, Query(min_length=1, max_length=1000, description="From next_cursor.")
+    ] = None,
+) -> ExceptionListPublic:
+    try:
+        return await reader.list_exceptions(
+            tenant,
+            status=status,
+            severity=severity.value if severity else None,
+            stage=stage.value if stage else None,
+            limit=limit,
+            cursor=cursor,
+        )
+    except WorkerUnavailable as exc:
+        raise _read_unavailable() from exc
+
+
+@router.get(
+    "/{exception_id}",
+    summary="Read an exception's state",
+    responses=_problems(401, 404, 422, 503),
+)
+async def read_exception(
+    exception_id: ExceptionIdPath, tenant: TenantDep, reader: ReaderDep
+) -> ExceptionPublic:
+    return (await _read(reader, tenant, exception_id)).state
+
+
+@router.get(
+    "/{exception_id}/events",
+    summary="Read an exception's history",
+    description="Every event of the exception, in order (the chains of its ingestions, by sequence).",
+    responses=_problems(401, 404, 422, 503),
+)
+async def read_exception_events(
+    exception_id: ExceptionIdPath, tenant: TenantDep, reader: ReaderDep
+) -> list[EventPublic]:
+    return (await _read(reader, tenant, exception_id)).history
+
+
+async def _read(reader: ExceptionReader, tenant: str, exception_id: str) -> ExceptionRecord:
+    try:
+        record = await reader.get_exception(tenant, exception_id)
+    except WorkerUnavailable as exc:
+        raise _read_unavailable() from exc
+    if record is None:
+        raise ApiProblem(
+            404,
+            f"Your tenant has no exception {exception_id!r}. Check the id; an exception accepted "
+            "a moment ago can take a few seconds to become readable.",
+        )
+    return record
+
+
+def _read_unavailable() -> ApiProblem:
+    return unavailable(
+        "The exception store cannot be read right now: no Sluice worker answered. "
+        f"Try again in {RETRY_AFTER_SECONDS} seconds."
+    )
+
+
+def _send_problem(failure: SendFailure, *, retry_with_key: bool) -> ApiProblem:
+    if failure.status != 503:
+        return ApiProblem(failure.status, failure.detail)
+    again = (
+        "with the same Idempotency-Key"
+        if retry_with_key
+        else "(an Idempotency-Key makes that safe)"
+    )
+    return unavailable(f"{failure.detail} Retry in {RETRY_AFTER_SECONDS} seconds {again}.")
