@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -93,44 +94,202 @@ def api(
     uvicorn.run("api.main:app", host=host, port=port, log_level="warning")
 
 
+@cli.command("send")
+def send(
+    file: Annotated[
+        Path | None,
+        typer.Option(help="JSON list (or JSON lines) of exception reports to POST."),
+    ] = None,
+    sample: Annotated[bool, typer.Option(help="Send the example sample exceptions.")] = False,
+    api_url: Annotated[str, typer.Option(envvar="SLUICE_API_URL")] = "http://127.0.0.1:8000",
+    api_key: Annotated[str | None, typer.Option(envvar="SLUICE_API_KEY")] = None,
+) -> None:
+    """POST exceptions to the ingest API and print where each one was accepted."""
+    from app.ingest_client import post_exceptions
+
+    if (file is None) == (not sample):
+        typer.echo("Give exactly one of --file PATH or --sample.", err=True)
+        raise typer.Exit(2)
+    if file is None:
+        batches = _samples_by_key(SAMPLES)
+    elif api_key is None:
+        typer.echo("--api-key (or SLUICE_API_KEY) is required with --file.", err=True)
+        raise typer.Exit(2)
+    else:
+        batches = {api_key: _read_reports(file)}
+    for key, reports in batches.items():
+        for result in asyncio.run(post_exceptions(api_url, key, reports)):
+            typer.echo(json.dumps(result))
+
+
+SAMPLES = Path(__file__).resolve().parent.parent / "config" / "example" / "samples.json"
+DEMO_KEYS = {"acme": "demo-acme-key", "globex": "demo-globex-key"}
+
+
+def _samples_by_key(path: Path) -> dict[str, list[dict[str, object]]]:
+    batches: dict[str, list[dict[str, object]]] = {}
+    for item in json.loads(path.read_text()):
+        batches.setdefault(DEMO_KEYS[item["tenant"]], []).append(item["report"])
+    return batches
+
+
+def _read_reports(path: Path) -> list[dict[str, object]]:
+    text = path.read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = [json.loads(line) for line in text.splitlines() if line.strip()]
+    if not isinstance(data, list):
+        data = [data]
+    return data
+
+
 @cli.command("run")
 def run(
     state_dir: StateDir = Path(".sluice"),
-    kafka_port: Annotated[int, typer.Option(help="Local broker port; 0 picks a free one.")] = 0,
+    samples: Annotated[bool, typer.Option(help="Push the sample exceptions through.")] = True,
 ) -> None:
-    """Run the whole stack locally: a Kafka broker, a worker and the API, until Ctrl-C.
+    """Run the whole stack locally until Ctrl-C: a Kafka broker, a worker, the API, a demo tool
+    server, and a handful of sample exceptions pushed through the pipeline.
 
-    With KAFKA_BOOTSTRAP_SERVERS set, that cluster is used and no local broker is started.
+    With KAFKA_BOOTSTRAP_SERVERS set, that cluster is used and no local broker is started; with
+    SLUICE_TOOLS_URL set, tools call that URL instead of the demo tool server.
     """
+    from app.admin import ensure_topics
+    from app.demo_tools import DemoToolServer
+    from app.kafka_local import free_port
+    from app.settings import Settings
+
     env = dict(os.environ)
     broker: LocalKafka | None = None
+    tools: DemoToolServer | None = None
     procs: list[subprocess.Popen[bytes]] = []
     try:
         if "KAFKA_BOOTSTRAP_SERVERS" not in env:
-            broker = LocalKafka(state_dir / "kafka", port=kafka_port)
-            typer.echo("Starting the local Kafka broker ...")
+            broker = LocalKafka(state_dir / "kafka", port=_port_or_free(9092))
+            typer.echo(f"Starting a local Kafka broker (state in {broker.state_dir}) ...")
             broker.start()
             env["KAFKA_BOOTSTRAP_SERVERS"] = broker.bootstrap_servers
+        if "SLUICE_TOOLS_URL" not in env:
+            tools = DemoToolServer(port=free_port()).start()
+            env["SLUICE_TOOLS_URL"] = tools.url
         env.setdefault("SLUICE_STATE_DIR", str(state_dir))
-        typer.echo(f"Kafka: {env['KAFKA_BOOTSTRAP_SERVERS']}")
+        env.setdefault("SLUICE_API_PORT", str(_port_or_free(8000)))
+        env.setdefault("SLUICE_WORKER_WEB_PORT", str(_port_or_free(6066)))
+        worker_url = f"http://127.0.0.1:{env['SLUICE_WORKER_WEB_PORT']}"
+        env.setdefault("SLUICE_WORKER_URLS", json.dumps([worker_url]))
+        api_url = f"http://127.0.0.1:{env['SLUICE_API_PORT']}"
+        settings = Settings.model_validate(_settings_from(env))
+        asyncio.run(ensure_topics(settings))
+
         exe = [sys.executable, "-m", "app.cli"]
         procs.append(subprocess.Popen([*exe, "worker"], env=env))  # noqa: S603
-        procs.append(subprocess.Popen([*exe, "api"], env=env))  # noqa: S603
+        procs.append(subprocess.Popen([*exe, "api", "--port", env["SLUICE_API_PORT"]], env=env))  # noqa: S603
+        typer.echo("Starting a worker and the API ...")
+        _wait_http(f"{worker_url}/sluice/ready", procs)
+        _wait_http(f"{api_url}/healthz", procs)
         typer.echo(
-            f"Worker web: http://{env.get('SLUICE_WORKER_WEB_HOST', '127.0.0.1')}:"
-            f"{env.get('SLUICE_WORKER_WEB_PORT', '6066')}  "
-            f"API: http://{env.get('SLUICE_API_HOST', '127.0.0.1')}:"
-            f"{env.get('SLUICE_API_PORT', '8000')}/docs  (Ctrl-C stops everything)"
+            f"Sluice is up.\n  Kafka:  {env['KAFKA_BOOTSTRAP_SERVERS']}\n"
+            f"  API:    {api_url}/docs\n  Worker: {worker_url}/sluice/ready\n"
+            f"  Tools:  {env['SLUICE_TOOLS_URL']}"
         )
+        if samples:
+            _push_samples(api_url)
+        typer.echo("Ctrl-C stops everything.")
         _wait_for_signal(procs)
     except KafkaError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from exc
     finally:
         _stop_all(procs)
+        if tools is not None:
+            tools.stop()
         if broker is not None:
             broker.stop()
-        typer.echo("Sluice stopped")
+        typer.echo("Sluice stopped.")
+
+
+def _settings_from(env: dict[str, str]) -> dict[str, object]:
+    """The Settings fields `run` passes on to its children, read from their environment."""
+    fields: dict[str, object] = {"KAFKA_BOOTSTRAP_SERVERS": env["KAFKA_BOOTSTRAP_SERVERS"]}
+    for name in ("topic_prefix", "partitions", "replication_factor"):
+        value = env.get(f"SLUICE_{name.upper()}")
+        if value is not None:
+            fields[name] = value
+    return fields
+
+
+def _port_or_free(preferred: int) -> int:
+    import socket
+
+    from app.kafka_local import free_port
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", preferred))
+        except OSError:
+            return free_port()
+    return preferred
+
+
+def _wait_http(url: str, procs: list[subprocess.Popen[bytes]], within: float = 180.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        for proc in procs:
+            if proc.poll() is not None:
+                typer.echo(f"{proc.args!r} exited with {proc.returncode}", err=True)
+                raise typer.Exit(1)
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2).is_success:
+                return
+        time.sleep(0.5)
+    typer.echo(f"{url} did not become ready in {within:.0f}s", err=True)
+    raise typer.Exit(1)
+
+
+TERMINAL = {"resolved", "failed", "no_action", "suppressed", "awaiting_approval"}
+
+
+def _push_samples(api_url: str, within: float = 60.0) -> None:
+    """Send the samples, then follow each until it ends, and print where it ended."""
+    import httpx
+
+    from app.ingest_client import post_exceptions
+
+    sent: list[tuple[str, str, str]] = []
+    for key, reports in _samples_by_key(SAMPLES).items():
+        for report, result in zip(
+            reports, asyncio.run(post_exceptions(api_url, key, reports)), strict=True
+        ):
+            if "exception_id" in result:
+                sent.append((key, str(result["exception_id"]), str(report["message"])))
+            else:
+                typer.echo(f"sample rejected: {result}", err=True)
+    typer.echo(f"Sent {len(sent)} sample exceptions; following them ...")
+    deadline = time.monotonic() + within
+    states: dict[str, dict[str, Any]] = {}
+    while len(states) < len(sent) and time.monotonic() < deadline:
+        for key, exception_id, _ in sent:
+            if exception_id in states:
+                continue
+            resp = httpx.get(f"{api_url}/v1/exceptions/{exception_id}", headers={"X-API-Key": key})
+            if resp.status_code == 200 and resp.json()["status"] in TERMINAL:
+                states[exception_id] = resp.json()
+        time.sleep(0.5)
+    for _key, exception_id, message in sent:
+        st = states.get(exception_id)
+        if st is None:
+            typer.echo(f"  {exception_id}  still in flight  {message[:50]}")
+            continue
+        tools = ", ".join(
+            f"{r['tool']}.{r['action']}={r['status']}" for r in st.get("tool_results", [])
+        )
+        typer.echo(
+            f"  {exception_id}  {st['tenant_id']:<7} {st['severity']!s:<8} {st['category']!s:<13} "
+            f"{st['status']!s:<17} {message[:44]:<44} {tools}"
+        )
 
 
 def _wait_for_signal(procs: list[subprocess.Popen[bytes]] | None = None) -> None:

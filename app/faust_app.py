@@ -29,6 +29,9 @@ def create_app(settings: Settings) -> faust.App:
         table_standby_replicas=0,
         autodiscover=False,
         web_enabled=True,
+        # Every stage is idempotent, so an event still buffered at shutdown or rebalance can simply be
+        # redelivered; waiting for buffered events instead stalled shutdown until SIGKILL.
+        stream_wait_empty=False,
     )
 
 
@@ -36,5 +39,5 @@ settings = get_settings()
 topics = TopicNames(settings.topic_prefix)
 app = create_app(settings)
 
-# Agents register themselves on `app` when imported.
-import agents.tally  # noqa: E402, F401
+# The pipeline's agents and the worker's web views register themselves on `app` when imported.
+from app import pipeline, worker_web  # noqa: E402, F401

@@ -65,5 +65,13 @@ class TopicNames:
             self.completed,
         ]
 
+    def dlq(self, stage: str) -> str:
+        """Where a stage dead-letters what it cannot process: ``<prefix>.<stage>.dlq``."""
+        return self._t(f"{stage}.dlq")
+
     def all(self) -> list[str]:
-        return [*self.history(), self.fingerprinted]
+        return [*self.history(), self.fingerprinted, *(self.dlq(s) for s in STAGES)]
+
+
+# Every consuming stage, in pipeline order; each has a DLQ topic.
+STAGES = ("intake", "group", "triage", "policy", "playbook", "tool", "projection")

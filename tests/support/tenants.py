@@ -1,0 +1,106 @@
+"""Tenant configurations for tests, written to a temporary config dir (tools point at a mock server).
+
+Two tenants with deliberately different rules, so a test can tell whose rules were applied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+KEYS = {"acme": "test-key-acme", "globex": "test-key-globex"}
+
+ACME = """
+tenant_id = "acme"
+
+[intake]
+repeat_window_seconds = 3600
+
+[[triage.rules]]
+id = "payment-declined"
+match = {{ source = "payments", message_contains = ["declined"] }}
+then = {{ severity = "high", category = "payments" }}
+
+[[triage.rules]]
+id = "shipment-stuck"
+match = {{ source = "shipping*" }}
+then = {{ severity = "medium", category = "logistics" }}
+
+[triage.default]
+severity = "low"
+category = "general"
+
+[policy.default]
+allowed_actions = ["*"]
+
+[[policy.rules]]
+id = "needs-approval"
+match = {{ category = ["approvals"] }}
+then = {{ approval_required_for = ["ticket.escalate"] }}
+
+[[playbooks]]
+id = "payments"
+match = {{ category = ["payments"] }}
+steps = [
+  {{ id = "open-ticket", tool = "ticket", action = "create", params = {{ queue = "payments", ref = "{{exception_id}}" }} }},
+  {{ id = "page-oncall", tool = "notify", action = "page", params = {{ channel = "#payments" }} }},
+  {{ id = "callback", tool = "webhook", action = "retry-payment", params = {{ order = "{{external_ref}}" }} }},
+]
+
+[[playbooks]]
+id = "approvals"
+match = {{ category = ["approvals"] }}
+steps = [
+  {{ id = "escalate", tool = "ticket", action = "escalate" }},
+]
+
+[[playbooks]]
+id = "default"
+steps = [
+  {{ id = "log", tool = "webhook", action = "record" }},
+]
+
+[tools.ticket]
+kind = "ticket"
+url = "{url}"
+
+[tools.notify]
+kind = "notify"
+url = "{url}"
+
+[tools.webhook]
+kind = "webhook"
+url = "{url}/hooks/acme"
+"""
+
+GLOBEX = """
+tenant_id = "globex"
+
+[[triage.rules]]
+id = "everything-is-critical"
+then = {{ severity = "critical", category = "globex-ops" }}
+
+[[playbooks]]
+id = "globex"
+steps = [
+  {{ id = "notify", tool = "webhook", action = "notify" }},
+]
+
+[tools.webhook]
+kind = "webhook"
+url = "{url}/hooks/globex"
+"""
+
+
+def write_config(root: Path, tools_url: str) -> Path:
+    """A config dir with tenants acme and globex whose tools call ``tools_url``."""
+    (root / "tenants").mkdir(parents=True, exist_ok=True)
+    (root / "tenants" / "acme.toml").write_text(ACME.format(url=tools_url))
+    (root / "tenants" / "globex.toml").write_text(GLOBEX.format(url=tools_url))
+    keys = "".join(
+        f'[[keys]]\ntenant_id = "{tenant}"\nname = "test"\n'
+        f'sha256 = "{hashlib.sha256(key.encode()).hexdigest()}"\n\n'
+        for tenant, key in KEYS.items()
+    )
+    (root / "api_keys.toml").write_text(keys)
+    return root
