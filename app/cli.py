@@ -278,18 +278,29 @@ def _push_samples(api_url: str, within: float = 60.0) -> None:
             if resp.status_code == 200 and resp.json()["status"] in TERMINAL:
                 states[exception_id] = resp.json()
         time.sleep(0.5)
+    rows = [("exception", "tenant", "severity", "category", "status", "tools")]
     for _key, exception_id, message in sent:
         st = states.get(exception_id)
         if st is None:
-            typer.echo(f"  {exception_id}  still in flight  {message[:50]}")
+            rows.append((exception_id, "?", "?", "?", "still in flight", message[:40]))
             continue
         tools = ", ".join(
             f"{r['tool']}.{r['action']}={r['status']}" for r in st.get("tool_results", [])
         )
-        typer.echo(
-            f"  {exception_id}  {st['tenant_id']:<7} {st['severity']!s:<8} {st['category']!s:<13} "
-            f"{st['status']!s:<17} {message[:44]:<44} {tools}"
+        rows.append(
+            (
+                exception_id,
+                str(st["tenant_id"]),
+                str(st["severity"]),
+                str(st["category"]),
+                str(st["status"]),
+                tools or "-",
+            )
         )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [c.ljust(w) for c, w in zip(row, widths, strict=False)]
+        typer.echo("  " + "  ".join([*cells, row[-1]]))
 
 
 def _wait_for_signal(procs: list[subprocess.Popen[bytes]] | None = None) -> None:

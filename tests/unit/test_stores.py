@@ -32,6 +32,16 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
     if request.param == "memory":
         yield Backend("memory", {})
         return
+    yield from _rocksdb(tmp_path)
+
+
+@pytest.fixture
+def persistent(tmp_path: Path) -> Iterator[Backend]:
+    """Only RocksDB persists, so the reopen tests run against it alone."""
+    yield from _rocksdb(tmp_path)
+
+
+def _rocksdb(tmp_path: Path) -> Iterator[Backend]:
     path = str(tmp_path / "store")
     handles = [Rdict(path)]
 
@@ -131,20 +141,18 @@ def test_ledger_compares_timestamps_across_timezones(backend: Backend) -> None:
 # ------------------------------------------------------------------------------- persistence
 
 
-def test_processed_ids_survive_reopening(backend: Backend) -> None:
-    if backend.reopen is None:
-        pytest.skip(f"the {backend.name} backend does not persist")
-    MappingProcessedStore(backend.mapping).mark("e1", T0)
-    reopened = MappingProcessedStore(backend.reopen())
+def test_processed_ids_survive_reopening(persistent: Backend) -> None:
+    assert persistent.reopen is not None
+    MappingProcessedStore(persistent.mapping).mark("e1", T0)
+    reopened = MappingProcessedStore(persistent.reopen())
     assert reopened.seen("e1")
     # The mark time persisted too: expiry still works after the reopen.
     assert reopened.expire(T0 + timedelta(seconds=1)) == 1
 
 
-def test_ledger_results_survive_reopening(backend: Backend) -> None:
-    if backend.reopen is None:
-        pytest.skip(f"the {backend.name} backend does not persist")
-    MappingLedger(backend.mapping).put("k1", result(), T0)
-    reopened = MappingLedger(backend.reopen())
+def test_ledger_results_survive_reopening(persistent: Backend) -> None:
+    assert persistent.reopen is not None
+    MappingLedger(persistent.mapping).put("k1", result(), T0)
+    reopened = MappingLedger(persistent.reopen())
     assert reopened.get("k1") == result()
     assert reopened.expire(T0 + timedelta(seconds=1)) == 1
