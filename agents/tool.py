@@ -74,6 +74,10 @@ def backoff_delay(
     return delay
 
 
+async def _nothing() -> None:
+    return None
+
+
 async def execute(
     event: ExceptionPlanned,
     tools: Mapping[str, Tool],
@@ -82,6 +86,8 @@ async def execute(
     policy: RetryPolicy,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     rng: random.Random | None = None,
+    durable: Callable[[], Awaitable[None]] = _nothing,
+    retry_in_doubt: bool = False,
 ) -> ExceptionCompleted:
     """Run the plan's steps in order and report each one's result.
 
@@ -89,6 +95,12 @@ async def execute(
     (permanently, or transiently ``policy.max_attempts`` times) ends the run: the steps after it are
     reported as skipped. Exceptions other than :class:`~agents.tools.ToolError` are bugs, not tool
     outcomes, and propagate to the agent.
+
+    Before each call the ledger gets an in-flight marker, and ``durable()`` (the agent's "wait until
+    the ledger write is acknowledged") runs; after the call, the result replaces the marker. A step
+    found in flight was begun by a worker that died before recording the answer: whether the tool
+    acted is unknown, so the step fails as ``in_doubt`` without calling again, unless
+    ``retry_in_doubt`` (an operator's redrive) says to call again with the same idempotency key.
     """
     if event.payload.awaiting_approval:
         raise ValueError(
@@ -109,10 +121,34 @@ async def execute(
         if done is not None:
             results.append(done.model_copy(update={"replayed": True}))
             continue
+        if ledger.in_flight(key) and not retry_in_doubt:
+            at = now().isoformat()
+            results.append(
+                _failed(
+                    step,
+                    key,
+                    error_class="in_doubt",
+                    message=(
+                        f"A worker stopped while step {step.step_id!r} was calling tool "
+                        f"{step.tool!r}, so whether the call took effect is unknown. Check the "
+                        "tool, then redrive (it calls again with the same Idempotency-Key) or "
+                        "discard."
+                    ),
+                    attempts=0,
+                    status=None,
+                    first=at,
+                    last=at,
+                )
+            )
+            failed = True
+            continue
+        ledger.begin(key, now())
+        await durable()
         result = await _run_step(event, step, key, tools.get(step.tool), now, policy, sleep, rng)
         if result.status == "succeeded":
             ledger.put(key, result, now())
         else:
+            ledger.abandon(key)
             failed = True
         results.append(result)
 
@@ -183,7 +219,7 @@ def _failed(
     step: PlannedStep,
     key: str,
     *,
-    error_class: Literal["transient", "permanent"],
+    error_class: Literal["transient", "permanent", "in_doubt"],
     message: str,
     attempts: int,
     status: int | None,

@@ -49,11 +49,23 @@ class ProcessedStore(Protocol):
 
 
 class Ledger(Protocol):
-    """Completed tool steps, by idempotency key."""
+    """Tool steps by idempotency key: completed results, and calls begun but not yet answered."""
 
     def get(self, key: str) -> StepResult | None: ...
 
     def put(self, key: str, result: StepResult, at: datetime) -> None: ...
+
+    def begin(self, key: str, at: datetime) -> None:
+        """Record that a call is about to be made (an in-flight marker, replaced by put)."""
+        ...
+
+    def in_flight(self, key: str) -> bool:
+        """True when a call was begun and no result was recorded: its outcome is unknown."""
+        ...
+
+    def abandon(self, key: str) -> None:
+        """Drop an in-flight marker: the call ended in a known failure, so a redrive may call again."""
+        ...
 
     def expire(self, before: datetime) -> int:
         """Forget results written before ``before``; return how many were forgotten."""
@@ -112,6 +124,8 @@ class MappingLedger:
         if key not in self._mapping:
             return None
         raw = orjson.loads(self._mapping[key])
+        if raw.get("r") is None and raw.get("begun"):
+            return None
         try:
             return StepResult.model_validate(raw["r"])
         except (KeyError, TypeError, ValidationError) as exc:
@@ -122,6 +136,19 @@ class MappingLedger:
 
     def put(self, key: str, result: StepResult, at: datetime) -> None:
         self._mapping[key] = orjson.dumps({"t": _epoch(at), "r": result.model_dump(mode="json")})
+
+    def begin(self, key: str, at: datetime) -> None:
+        self._mapping[key] = orjson.dumps({"t": _epoch(at), "r": None, "begun": True})
+
+    def in_flight(self, key: str) -> bool:
+        if key not in self._mapping:
+            return False
+        raw = orjson.loads(self._mapping[key])
+        return raw.get("r") is None and bool(raw.get("begun"))
+
+    def abandon(self, key: str) -> None:
+        if self.in_flight(key):
+            del self._mapping[key]
 
     def expire(self, before: datetime) -> int:
         return _expire(self._mapping, _epoch(before), _ledger_stamp)

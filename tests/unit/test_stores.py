@@ -156,3 +156,23 @@ def test_ledger_results_survive_reopening(persistent: Backend) -> None:
     reopened = MappingLedger(persistent.reopen())
     assert reopened.get("k1") == result()
     assert reopened.expire(T0 + timedelta(seconds=1)) == 1
+
+
+# ------------------------------------------------------------------------------- in flight
+
+
+def test_ledger_in_flight_marker_lifecycle(backend: Backend) -> None:
+    ledger = MappingLedger(backend.mapping)
+    assert not ledger.in_flight("k")
+    ledger.begin("k", T0)
+    assert ledger.in_flight("k")
+    assert ledger.get("k") is None, "an intent is not a result"
+    ledger.put("k", result(), T0)
+    assert not ledger.in_flight("k")
+    assert ledger.get("k") == result()
+    ledger.abandon("k")  # a recorded result is never dropped by abandon
+    assert ledger.get("k") == result()
+    ledger.begin("k2", T0)
+    ledger.abandon("k2")
+    assert not ledger.in_flight("k2")
+    assert ledger.get("k2") is None

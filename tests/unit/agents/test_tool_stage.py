@@ -407,3 +407,82 @@ def test_retry_policy_rejects_nonsense() -> None:
         RetryPolicy(max_attempts=0)
     with pytest.raises(ValueError, match="negative"):
         RetryPolicy(base_seconds=-1)
+
+
+# ------------------------------------------------------------------------------------ in doubt
+
+
+async def test_a_call_begun_but_never_answered_is_in_doubt_and_not_repeated(
+    server: MockHTTPServer,
+    tools: dict[str, Tool],
+    ledger: MappingLedger,
+    clock: Clock,
+    sleep: FakeSleep,
+) -> None:
+    event = planned(TICKET, PAGE)
+    # A previous worker recorded the intent for the first step and died before the answer.
+    ledger.begin(idempotency_key(event, TICKET), T0)
+    out = await run(event, tools, ledger, clock, sleep)
+
+    assert out.payload.outcome == "failed"
+    first, second = out.payload.results
+    assert (first.status, first.detail["error_class"]) == ("failed", "in_doubt")
+    assert "redrive" in first.detail["message"]
+    assert second.status == "skipped"
+    assert server.calls() == [], "an in-doubt call must not be repeated on its own"
+    assert ledger.in_flight(idempotency_key(event, TICKET))
+
+
+async def test_an_operator_redrive_calls_an_in_doubt_step_again_with_the_same_key(
+    server: MockHTTPServer,
+    tools: dict[str, Tool],
+    ledger: MappingLedger,
+    clock: Clock,
+    sleep: FakeSleep,
+) -> None:
+    event = planned(TICKET)
+    key = idempotency_key(event, TICKET)
+    ledger.begin(key, T0)
+    out = await execute(
+        event, tools, ledger, clock, POLICY, sleep=sleep, rng=seeded(7), retry_in_doubt=True
+    )
+    assert out.payload.outcome == "resolved"
+    assert [c.idempotency_key for c in server.calls()] == [key]
+    assert not ledger.in_flight(key)
+    assert ledger.get(key) == out.payload.results[0]
+
+
+async def test_the_intent_is_made_durable_before_the_call(
+    server: MockHTTPServer,
+    tools: dict[str, Tool],
+    ledger: MappingLedger,
+    clock: Clock,
+    sleep: FakeSleep,
+) -> None:
+    event = planned(TICKET, PAGE)
+    seen: list[tuple[bool, int]] = []
+
+    async def durable() -> None:
+        # Called after begin(), before the tool is called.
+        key = idempotency_key(event, (TICKET, PAGE)[len(seen)])
+        seen.append((ledger.in_flight(key), len(server.calls())))
+
+    out = await execute(
+        event, tools, ledger, clock, POLICY, sleep=sleep, rng=seeded(7), durable=durable
+    )
+    assert out.payload.outcome == "resolved"
+    assert seen == [(True, 0), (True, 1)]
+
+
+async def test_a_known_failure_clears_the_intent_so_a_redrive_calls_again(
+    server: MockHTTPServer,
+    tools: dict[str, Tool],
+    ledger: MappingLedger,
+    clock: Clock,
+    sleep: FakeSleep,
+) -> None:
+    server.fail("/tickets", 404)
+    event = planned(TICKET)
+    out = await run(event, tools, ledger, clock, sleep)
+    assert out.payload.results[0].detail["error_class"] == "permanent"
+    assert not ledger.in_flight(idempotency_key(event, TICKET))
