@@ -21,11 +21,14 @@ per-key order (faust-streaming#606, robinhood/faust#422).
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
+import random
 import time
 import traceback
+import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -39,22 +42,33 @@ from agents.intake import FingerprintGroup, group, group_key, intake
 from agents.llm import LLMClassifier
 from agents.playbook import plan
 from agents.policy import decide
-from agents.tool import RetryPolicy, execute
-from agents.tools import Tool, build_tools
+from agents.tool import RetryPolicy, backoff_delay, execute
+from agents.tools import Tool, ToolError, build_tools
 from agents.triage import triage
 from app.faust_app import app, settings, topics
 from app.stores import MappingLedger, MappingProcessedStore
 from schemas.codec import PoisonEvent, decode, encode
 from schemas.config import TenantConfig, load_tenants
 from schemas.events import (
+    SLUICE_NAMESPACE,
+    DeadLetteredPayload,
     Event,
     EventBase,
     ExceptionAccepted,
+    ExceptionDeadLettered,
     ExceptionDecided,
+    ExceptionDiscardRequested,
     ExceptionFingerprinted,
     ExceptionIngested,
+    ExceptionParked,
     ExceptionPlanned,
+    ExceptionQuarantineLifted,
+    ExceptionRedriveRequested,
     ExceptionTriaged,
+    ParkedPayload,
+    QuarantineLiftedPayload,
+    derive_event_id,
+    follow,
 )
 from schemas.state import ExceptionRecord, apply
 
@@ -67,9 +81,17 @@ class StageError(Exception):
     """A failure processing one event. ``error_class`` is permanent (retrying the same input cannot
     help: wrong event type, unknown tenant) or transient (it might succeed later)."""
 
-    def __init__(self, message: str, error_class: str = "permanent") -> None:
+    def __init__(
+        self,
+        message: str,
+        error_class: str = "permanent",
+        kind: str = "stage_error",
+        attempts: int = 0,
+    ) -> None:
         super().__init__(message)
         self.error_class = error_class
+        self.kind = kind
+        self.attempts = attempts
 
 
 def now() -> datetime:
@@ -116,6 +138,7 @@ triaged_topic = _topic(topics.triaged)
 decided_topic = _topic(topics.decided)
 planned_topic = _topic(topics.planned)
 completed_topic = _topic(topics.completed)
+operations_topic = _topic(topics.operations)
 history_topic = app.topic(
     *topics.history(), key_type=bytes, value_type=bytes, value_serializer="raw"
 )
@@ -146,19 +169,29 @@ def _table(name: str, key_type: type = str) -> TableT[Any, Any]:
 exceptions_table = _table("exceptions", key_type=bytes)  # exception id -> ExceptionRecord JSON
 fingerprints_table = _table("exception-fingerprints")  # exception id -> fingerprint of 1st report
 groups_table = _expiring_table("fingerprint-groups")  # tenant:fingerprint -> group + recent outputs
-ledger_table = _expiring_table("tool-ledger")  # idempotency key -> StepResult
+ledger_table = _expiring_table("tool-ledger")  # idempotency key -> StepResult or an intent
+quarantine_table = _table("quarantine")  # <stage>:<exception id> -> dead letter + parked items
 
 
 # ---------------------------------------------------------------------------------------- runner
 
 Output = tuple[faust.TopicT, bytes, EventBase]
+OperatorRequest = (ExceptionRedriveRequested, ExceptionDiscardRequested)
+Handler = Callable[[Event, bool], Awaitable[list[Output]]]
+
+# Failures worth retrying in place: the network or a dependency, not the event itself.
+TRANSIENT = (OSError, TimeoutError, httpx.TransportError, ToolError)
 
 
 @dataclass
 class StageStats:
     processed: int = 0
     duplicates: int = 0
+    retried: int = 0
     dead_lettered: int = 0
+    parked: int = 0
+    redriven: int = 0
+    discarded: int = 0
     emitted: int = 0
     last_event_at: float | None = None
 
@@ -166,10 +199,83 @@ class StageStats:
 STATS: dict[str, StageStats] = {}
 
 
+@dataclass(frozen=True)
+class Item:
+    """One input record as the stage saw it: live from Kafka, or replayed from the quarantine."""
+
+    key: bytes | None
+    value: bytes
+    topic: str
+    partition: int
+    offset: int
+    timestamp: float | None
+    attempts: int = 0  # failed attempts before this one (kept across redrives)
+    first_failure_at: str | None = None
+
+    @classmethod
+    def of(cls, record: faust.EventT) -> Item:
+        msg = record.message
+        return cls(msg.key, msg.value or b"", msg.topic, msg.partition, msg.offset, msg.timestamp)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": _b64(self.key),
+            "value": _b64(self.value),
+            "topic": self.topic,
+            "partition": self.partition,
+            "offset": self.offset,
+            "timestamp": self.timestamp,
+            "attempts": self.attempts,
+            "first_failure_at": self.first_failure_at,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Item:
+        return cls(
+            key=_unb64(data["key"]),
+            value=_unb64(data["value"]) or b"",
+            topic=data["topic"],
+            partition=data["partition"],
+            offset=data["offset"],
+            timestamp=data["timestamp"],
+            attempts=data["attempts"],
+            first_failure_at=data["first_failure_at"],
+        )
+
+
+def _b64(data: bytes | None) -> str | None:
+    return None if data is None else base64.b64encode(data).decode()
+
+
+def _unb64(data: str | None) -> bytes | None:
+    return None if data is None else base64.b64decode(data)
+
+
+class DeadLetter(Exception):
+    """Raised inside the runner to route the current item to the DLQ."""
+
+    def __init__(self, error_class: str, kind: str, message: str, attempts: int) -> None:
+        super().__init__(message)
+        self.error_class = error_class
+        self.kind = kind
+        self.message = message
+        self.attempts = attempts
+
+
 @dataclass
 class StageRunner:
+    """The loop every stage agent runs; see the module docstring for the order of its steps.
+
+    Ordered quarantine: when an exception's event is dead-lettered at this stage, the exception is
+    quarantined here (table ``quarantine``, key ``<stage>:<exception id>``) and its later events at
+    this stage are parked behind the dead letter, in order, while other exceptions keep flowing. An
+    operator's ExceptionRedriveRequested (or ExceptionDiscardRequested) arrives on this stage's input
+    topic with the same key, so it is handled in order too: the dead-lettered event is processed
+    again (or dropped), then the parked ones in their original order, and the quarantine is lifted.
+    """
+
     name: str
-    handler: Callable[[Event], Awaitable[list[Output]]]
+    handler: Handler
     processed: MappingProcessedStore
     dlq: faust.TopicT
     stats: StageStats = field(default_factory=StageStats)
@@ -179,71 +285,226 @@ class StageRunner:
 
     async def run(self, stream: faust.StreamT[bytes]) -> None:
         async for record in stream.events():
-            await self.process(record)
+            await self.handle(Item.of(record))
 
-    async def process(self, record: faust.EventT) -> None:
+    # -- the per-item path ----------------------------------------------------------------------
+
+    async def handle(self, item: Item, redriven: bool = False) -> bool:
+        """Process one item; False when it was dead-lettered or parked instead."""
         try:
-            event = decode(record.value)
+            event = decode(item.value)
         except PoisonEvent as exc:
-            await self.dead_letter(record, "poison", exc.kind, str(exc), None)
-            return
+            qid = item.key.decode(errors="replace") if item.key else None
+            if qid is not None and not redriven and self._quarantine(qid) is not None:
+                await self.park(qid, item, None)
+                return False
+            await self.dead_letter(qid, item, None, DeadLetter("poison", exc.kind, str(exc), 1))
+            return False
+        if isinstance(event, OperatorRequest) and event.payload.stage == self.name:
+            await self.operate(event)
+            return True
+        if isinstance(event, OperatorRequest) and self.name != "projection":
+            return True  # addressed to another stage that shares the topic
+        qid = event.exception_id
+        if not redriven and self._quarantine(qid) is not None:
+            await self.park(qid, item, event)
+            return False
         if self.processed.seen(str(event.event_id)):
             self.stats.duplicates += 1
-            return
+            return True
         try:
-            outputs = await self.handler(event)
-        except StageError as exc:
-            await self.dead_letter(record, exc.error_class, "stage_error", str(exc), event)
-            return
-        except Exception as exc:  # Faust would ack and drop it: dead-letter with the cause instead
-            await self.dead_letter(record, "permanent", type(exc).__name__, str(exc), event)
-            return
+            outputs = await self._call(event, redriven)
+        except DeadLetter as dead:
+            await self.dead_letter(qid, item, event, dead)
+            return False
         await send_all([(topic, key, encode(out)) for topic, key, out in outputs])
         self.processed.mark(str(event.event_id), now())
         self.stats.processed += 1
         self.stats.emitted += len(outputs)
         self.stats.last_event_at = time.time()
+        return True
+
+    async def _call(self, event: Event, redriven: bool) -> list[Output]:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self.handler(event, redriven)
+            except StageError as exc:
+                raise DeadLetter(
+                    exc.error_class, exc.kind, str(exc), exc.attempts or attempt
+                ) from exc
+            except TRANSIENT as exc:
+                if attempt >= RETRY.max_attempts:
+                    raise DeadLetter("transient", type(exc).__name__, str(exc), attempt) from exc
+                self.stats.retried += 1
+                await asyncio.sleep(backoff_delay(attempt, RETRY, None, _rng))
+            except Exception as exc:  # a bug or bad data: retrying the same input cannot help
+                raise DeadLetter("permanent", type(exc).__name__, str(exc), attempt) from exc
+
+    # -- quarantine -----------------------------------------------------------------------------
+
+    def _qkey(self, qid: str) -> str:
+        return f"{self.name}:{qid}"
+
+    def _quarantine(self, qid: str) -> dict[str, Any] | None:
+        raw = quarantine_table.get(self._qkey(qid))
+        return None if raw is None else dict(orjson.loads(raw))
+
+    def _save(self, qid: str, q: dict[str, Any] | None) -> None:
+        if q is None:
+            del quarantine_table[self._qkey(qid)]
+        else:
+            quarantine_table[self._qkey(qid)] = orjson.dumps(q)
 
     async def dead_letter(
-        self,
-        record: faust.EventT,
-        error_class: str,
-        kind: str,
-        message: str,
-        event: EventBase | None,
+        self, qid: str | None, item: Item, event: EventBase | None, dead: DeadLetter
     ) -> None:
-        msg = record.message
+        at = now().isoformat()
+        attempts = item.attempts + dead.attempts
+        first = item.first_failure_at or at
+        basis = event.event_id if event else uuid.uuid5(SLUICE_NAMESPACE, _where(item))
+        entry_id = str(derive_event_id(basis, f"{self.name}:dlq:{attempts}"))
         headers = {
-            "sluice.original.topic": msg.topic,
-            "sluice.original.partition": str(msg.partition),
-            "sluice.original.offset": str(msg.offset),
-            "sluice.original.timestamp": str(msg.timestamp),
+            "sluice.original.topic": item.topic,
+            "sluice.original.partition": str(item.partition),
+            "sluice.original.offset": str(item.offset),
+            "sluice.original.timestamp": str(item.timestamp),
             "sluice.stage": self.name,
-            "sluice.error.class": error_class,
-            "sluice.error.kind": kind,
-            "sluice.error.message": message[:4000],
+            "sluice.error.class": dead.error_class,
+            "sluice.error.kind": dead.kind,
+            "sluice.error.message": dead.message[:4000],
             "sluice.error.stacktrace": traceback.format_exc()[-8000:],
-            "sluice.error.attempts": "1",
-            "sluice.error.first_failure_at": now().isoformat(),
+            "sluice.error.attempts": str(attempts),
+            "sluice.error.first_failure_at": first,
+            "sluice.error.last_failure_at": at,
+            "sluice.dlq.entry_id": entry_id,
         }
         if event is not None:
             headers["sluice.tenant_id"] = event.tenant_id
-            headers["sluice.exception_id"] = event.exception_id
             headers["sluice.event_id"] = str(event.event_id)
+        if qid is not None:
+            headers["sluice.exception_id"] = qid
+        outputs: list[tuple[faust.TopicT, bytes | None, bytes | None]] = []
+        if event is not None:
+            payload = DeadLetteredPayload(
+                stage=self.name,
+                entry_id=entry_id,
+                error_class=dead.error_class,
+                error_kind=dead.kind,
+                message=dead.message[:4000],
+                attempts=attempts,
+                failed_event_id=event.event_id,
+                original_topic=item.topic,
+                original_partition=item.partition,
+                original_offset=item.offset,
+                dlq_topic=self.dlq.get_topic_name(),
+                first_failure_at=datetime.fromisoformat(first),
+                last_failure_at=datetime.fromisoformat(at),
+            )
+            note = follow(
+                event, ExceptionDeadLettered, f"{self.name}:dlq:{attempts}", payload, now()
+            )
+            outputs.append((operations_topic, note.exception_id.encode(), encode(note)))
         await send_all(
-            [(self.dlq, msg.key, msg.value)],
-            headers=[(k, v.encode()) for k, v in headers.items()],
+            [(self.dlq, item.key, item.value)], [(k, v.encode()) for k, v in headers.items()]
         )
+        await send_all(outputs)
+        if qid is not None:
+            q = self._quarantine(qid) or {"parked": []}
+            q.update(
+                stage=self.name,
+                exception_id=qid,
+                tenant_id=event.tenant_id if event else None,
+                since=q.get("since") or at,
+                head={
+                    **replace(item, attempts=attempts, first_failure_at=first).to_json(),
+                    "entry_id": entry_id,
+                    "event_id": str(event.event_id) if event else None,
+                    "event_type": getattr(event, "event_type", None),
+                    "error_class": dead.error_class,
+                    "error_kind": dead.kind,
+                    "message": dead.message[:4000],
+                    "last_failure_at": at,
+                },
+            )
+            self._save(qid, q)
         self.stats.dead_lettered += 1
         log.warning(
-            "%s: dead-lettered %s[%s]@%s (%s: %s)",
+            "%s: dead-lettered %s (%s %s: %s)",
             self.name,
-            msg.topic,
-            msg.partition,
-            msg.offset,
-            kind,
-            message,
+            _where(item),
+            dead.error_class,
+            dead.kind,
+            dead.message,
         )
+
+    async def park(self, qid: str, item: Item, event: EventBase | None) -> None:
+        q = self._quarantine(qid)
+        assert q is not None  # noqa: S101 - callers checked
+        q["parked"].append({**item.to_json(), "event_id": str(event.event_id) if event else None})
+        self._save(qid, q)
+        self.stats.parked += 1
+        if event is not None:
+            payload = ParkedPayload(
+                stage=self.name,
+                parked_event_id=event.event_id,
+                position=len(q["parked"]),
+                original_topic=item.topic,
+                original_offset=item.offset,
+            )
+            note = follow(event, ExceptionParked, f"{self.name}:parked", payload, now())
+            await send_all([(operations_topic, note.exception_id.encode(), encode(note))])
+
+    async def operate(self, request: ExceptionRedriveRequested | ExceptionDiscardRequested) -> None:
+        """Redrive or discard: replay the quarantine in order, then lift it."""
+        if self.processed.seen(str(request.event_id)):
+            self.stats.duplicates += 1
+            return
+        qid = request.exception_id
+        q = self._quarantine(qid)
+        if q is None:
+            log.info(
+                "%s: %s for %s, which is not quarantined here", self.name, request.event_type, qid
+            )
+            self.processed.mark(str(request.event_id), now())
+            return
+        redrive = isinstance(request, ExceptionRedriveRequested)
+        items = [Item.from_json(q["head"])] if redrive else []
+        items += [Item.from_json(p) for p in q["parked"]]
+        self._save(qid, None)
+        for index, it in enumerate(items):
+            if not await self.handle(it, redriven=True):
+                # Dead-lettered again: it heads a new quarantine, the rest stay parked behind it.
+                again = self._quarantine(qid)
+                if again is not None:
+                    again["parked"] = [
+                        {**p.to_json(), "event_id": None} for p in items[index + 1 :]
+                    ]
+                    self._save(qid, again)
+                break
+        else:
+            payload = QuarantineLiftedPayload(
+                stage=self.name,
+                action="redrive" if redrive else "discard",
+                released=len(items) - (1 if redrive else 0),
+                reason=request.payload.reason,
+                requested_by=request.payload.requested_by,
+            )
+            note = follow(request, ExceptionQuarantineLifted, f"{self.name}:lifted", payload, now())
+            await send_all([(operations_topic, note.exception_id.encode(), encode(note))])
+        if redrive:
+            self.stats.redriven += 1
+        else:
+            self.stats.discarded += 1
+        self.processed.mark(str(request.event_id), now())
+
+
+def _where(item: Item) -> str:
+    return f"{item.topic}[{item.partition}]@{item.offset}"
+
+
+_rng = random.Random()  # noqa: S311 - backoff jitter, not security
 
 
 async def send_all(
@@ -255,6 +516,8 @@ async def send_all(
     ``force=True`` bypasses Faust's attachments (which would publish only when the input is acked,
     after our idempotency mark, and so could lose the output on a crash).
     """
+    if not items:
+        return
     delay = 0.1
     while True:
         try:
@@ -273,7 +536,12 @@ async def send_all(
             delay = min(delay * 2, 5.0)
 
 
-def _runner(name: str, handler: Callable[[Event], Awaitable[list[Output]]]) -> StageRunner:
+async def durable() -> None:
+    """Wait until everything produced so far, table changelog writes included, is acknowledged."""
+    await app.producer.flush()
+
+
+def _runner(name: str, handler: Handler) -> StageRunner:
     processed = _expiring_table(f"processed-{name}")
     dlq = _topic(topics.dlq(name))
     return StageRunner(name, handler, MappingProcessedStore(processed), dlq)
@@ -282,7 +550,7 @@ def _runner(name: str, handler: Callable[[Event], Awaitable[list[Output]]]) -> S
 # -------------------------------------------------------------------------------------- handlers
 
 
-async def handle_intake(event: Event) -> list[Output]:
+async def handle_intake(event: Event, redriven: bool = False) -> list[Output]:
     ingested = expect(event, ExceptionIngested, "intake")
     tenant(ingested)
     known = fingerprints_table.get(ingested.exception_id)
@@ -295,7 +563,7 @@ async def handle_intake(event: Event) -> list[Output]:
 _RECENT_OUTPUTS = 32
 
 
-async def handle_group(event: Event) -> list[Output]:
+async def handle_group(event: Event, redriven: bool = False) -> list[Output]:
     """Count repeats of a fingerprint. The group state and the output are stored together, so a
     redelivered input (after a crash between the table write and the idempotency mark) resends the
     recorded output instead of counting the same event twice."""
@@ -357,7 +625,7 @@ class _Clients:
 clients = _Clients()
 
 
-async def handle_triage(event: Event) -> list[Output]:
+async def handle_triage(event: Event, redriven: bool = False) -> list[Output]:
     accepted = expect(event, ExceptionAccepted, "triage")
     config = tenant(accepted)
     classifier = clients.classifier_for(config)
@@ -366,13 +634,13 @@ async def handle_triage(event: Event) -> list[Output]:
     return [(triaged_topic, out.exception_id.encode(), out)]
 
 
-async def handle_policy(event: Event) -> list[Output]:
+async def handle_policy(event: Event, redriven: bool = False) -> list[Output]:
     triaged = expect(event, ExceptionTriaged, "policy")
     out = decide(triaged, tenant(triaged).policy, now())
     return [(decided_topic, out.exception_id.encode(), out)]
 
 
-async def handle_playbook(event: Event) -> list[Output]:
+async def handle_playbook(event: Event, redriven: bool = False) -> list[Output]:
     decided = expect(event, ExceptionDecided, "playbook")
     out = plan(decided, tenant(decided).playbooks, now())
     return [] if out is None else [(planned_topic, out.exception_id.encode(), out)]
@@ -386,15 +654,35 @@ RETRY = RetryPolicy(
 ledger = MappingLedger(ledger_table)
 
 
-async def handle_tool(event: Event) -> list[Output]:
+async def handle_tool(event: Event, redriven: bool = False) -> list[Output]:
+    """Run the plan. A step that still fails after its retries dead-letters the plan (nothing is
+    emitted), so the exception is quarantined here until an operator redrives it; the ledger keeps
+    the steps that did succeed, and the redrive does not call them again."""
     planned = expect(event, ExceptionPlanned, "tool")
     if planned.payload.awaiting_approval:
         return []  # the chain waits for an approval; the projection shows awaiting_approval
-    out = await execute(planned, clients.tools_for(tenant(planned)), ledger, now, RETRY)
+    out = await execute(
+        planned,
+        clients.tools_for(tenant(planned)),
+        ledger,
+        now,
+        RETRY,
+        durable=durable,
+        retry_in_doubt=redriven,
+    )
+    if out.payload.outcome == "failed":
+        failed = next(r for r in out.payload.results if r.status == "failed")
+        raise StageError(
+            f"step {failed.step_id!r} ({failed.tool}.{failed.action}) failed: "
+            f"{failed.detail.get('message')}",
+            error_class=str(failed.detail.get("error_class", "permanent")),
+            kind=f"tool:{failed.tool}",
+            attempts=int(failed.detail.get("attempts") or 1),
+        )
     return [(completed_topic, out.exception_id.encode(), out)]
 
 
-async def handle_projection(event: Event) -> list[Output]:
+async def handle_projection(event: Event, redriven: bool = False) -> list[Output]:
     key = event.exception_id.encode()
     raw = exceptions_table.get(key)
     record = ExceptionRecord.model_validate_json(raw) if raw else None

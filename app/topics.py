@@ -54,6 +54,23 @@ class TopicNames:
         """ExceptionCompleted: the end of the chain."""
         return self._t("completed")
 
+    @property
+    def operations(self) -> str:
+        """Dead letters, parking, quarantine lifts, and requests to the projection stage."""
+        return self._t("operations")
+
+    def input_of(self, stage: str) -> str:
+        """The topic a stage consumes: where an operator's redrive request for it must go."""
+        return {
+            "intake": self.ingested,
+            "group": self.fingerprinted,
+            "triage": self.accepted,
+            "policy": self.triaged,
+            "playbook": self.decided,
+            "tool": self.planned,
+            "projection": self.operations,
+        }[stage]
+
     def history(self) -> list[str]:
         """The topics whose events form an exception's history (read by the projection)."""
         return [
@@ -63,6 +80,7 @@ class TopicNames:
             self.decided,
             self.planned,
             self.completed,
+            self.operations,
         ]
 
     def dlq(self, stage: str) -> str:

@@ -182,6 +182,46 @@ class CompletedPayload(Frozen):
     outcome: Literal["resolved", "failed", "no_action"]
 
 
+class OperatorRequestPayload(Frozen):
+    """An operator's request to a stage about a quarantined exception (redrive or discard)."""
+
+    stage: str
+    requested_by: str = Field(max_length=200)
+    reason: str | None = Field(default=None, max_length=2000)
+
+
+class DeadLetteredPayload(Frozen):
+    stage: str
+    entry_id: str
+    error_class: Literal["poison", "transient", "permanent", "in_doubt"]
+    error_kind: str
+    message: str
+    attempts: int
+    failed_event_id: uuid.UUID | None
+    original_topic: str
+    original_partition: int
+    original_offset: int
+    dlq_topic: str
+    first_failure_at: AwareDatetime
+    last_failure_at: AwareDatetime
+
+
+class ParkedPayload(Frozen):
+    stage: str
+    parked_event_id: uuid.UUID | None
+    position: int = Field(description="1 = first in line behind the dead-lettered event.")
+    original_topic: str
+    original_offset: int
+
+
+class QuarantineLiftedPayload(Frozen):
+    stage: str
+    action: Literal["redrive", "discard"]
+    released: int = Field(description="Parked events processed after the lift.")
+    reason: str | None = None
+    requested_by: str
+
+
 # ---------------------------------------------------------------------------------------------------
 # The envelope and the union.
 
@@ -237,6 +277,33 @@ class ExceptionCompleted(EventBase):
     payload: CompletedPayload
 
 
+class ExceptionRedriveRequested(EventBase):
+    event_type: Literal["ExceptionRedriveRequested"] = "ExceptionRedriveRequested"
+    payload: OperatorRequestPayload
+
+
+class ExceptionDiscardRequested(EventBase):
+    event_type: Literal["ExceptionDiscardRequested"] = "ExceptionDiscardRequested"
+    payload: OperatorRequestPayload
+
+
+class ExceptionDeadLettered(EventBase):
+    event_type: Literal["ExceptionDeadLettered"] = "ExceptionDeadLettered"
+    payload: DeadLetteredPayload
+
+
+class ExceptionParked(EventBase):
+    event_type: Literal["ExceptionParked"] = "ExceptionParked"
+    payload: ParkedPayload
+
+
+class ExceptionQuarantineLifted(EventBase):
+    event_type: Literal["ExceptionQuarantineLifted"] = "ExceptionQuarantineLifted"
+    payload: QuarantineLiftedPayload
+
+
+OPERATOR_REQUESTS = ("ExceptionRedriveRequested", "ExceptionDiscardRequested")
+
 Event = Annotated[
     ExceptionIngested
     | ExceptionFingerprinted
@@ -244,7 +311,12 @@ Event = Annotated[
     | ExceptionTriaged
     | ExceptionDecided
     | ExceptionPlanned
-    | ExceptionCompleted,
+    | ExceptionCompleted
+    | ExceptionRedriveRequested
+    | ExceptionDiscardRequested
+    | ExceptionDeadLettered
+    | ExceptionParked
+    | ExceptionQuarantineLifted,
     Field(discriminator="event_type"),
 ]
 

@@ -20,9 +20,12 @@ from schemas.events import (
     Event,
     ExceptionAccepted,
     ExceptionCompleted,
+    ExceptionDeadLettered,
     ExceptionDecided,
     ExceptionIngested,
+    ExceptionParked,
     ExceptionPlanned,
+    ExceptionQuarantineLifted,
     ExceptionTriaged,
     Severity,
     Stage,
@@ -54,7 +57,8 @@ class ExceptionState(BaseModel):
     stage: Stage = Field(description="The last stage the exception has passed.")
     status: str = Field(
         description=(
-            "received | in_progress | suppressed | awaiting_approval | resolved | failed | no_action"
+            "received | in_progress | suppressed | awaiting_approval | resolved | failed | "
+            "no_action | dead_lettered | discarded"
         )
     )
     source: str | None = None
@@ -72,6 +76,12 @@ class ExceptionState(BaseModel):
     updated_at: AwareDatetime
     completed_at: AwareDatetime | None = None
     event_count: int
+    quarantine: dict[str, Any] | None = Field(
+        default=None,
+        description="Set while a stage holds the exception in quarantine after a dead letter: "
+        "stage, error_class, message, entry_id, attempts.",
+    )
+    parked: int = Field(default=0, description="Events parked behind the dead letter.")
 
 
 class ExceptionRecord(BaseModel):
@@ -148,6 +158,18 @@ def fold(exception_id: str, tenant_id: str, history: list[HistoryEntry]) -> Exce
             fields["tool_results"] = tuple(StepResult.model_validate(r) for r in p["results"])
             fields["status"] = p["outcome"]
             fields["completed_at"] = h.occurred_at
+        elif h.event_type == ExceptionDeadLettered.__name__:
+            fields["status"] = "dead_lettered"
+            fields["quarantine"] = {
+                k: p[k] for k in ("stage", "error_class", "message", "entry_id", "attempts")
+            }
+        elif h.event_type == ExceptionParked.__name__:
+            fields["parked"] = fields.get("parked", 0) + 1
+        elif h.event_type == ExceptionQuarantineLifted.__name__:
+            fields["quarantine"] = None
+            fields["parked"] = 0
+            if fields["status"] == "dead_lettered":
+                fields["status"] = "discarded" if p["action"] == "discard" else "in_progress"
     return ExceptionState.model_validate(fields)
 
 
