@@ -19,7 +19,7 @@ import orjson
 from faust.web import Request, Response, View
 
 from app.faust_app import app, settings
-from app.pipeline import STATS, exceptions_table
+from app.pipeline import STATS, exceptions_table, quarantine_table
 from schemas.state import ExceptionRecord
 
 MAX_LIMIT = 200
@@ -103,25 +103,14 @@ class ExceptionListView(View):
             return _not_ready(self)
         if query.get("local") == "1":
             return self.json({"items": local_page(query, limit)})
-        hosts = list(app.router.table_metadata(exceptions_table.name).keys())
-        me = str(app.conf.canonical_url)
-        pages = await asyncio.gather(
-            *(self._page_from(h, query, limit) for h in hosts if str(h) != me)
-        )
-        items = [*local_page(query, limit), *(i for page in pages for i in page)]
+        items = local_page(query, limit)
+        for page in await scatter("/sluice/exceptions", {**query, "limit": str(limit)}):
+            items.extend(page["items"])
         items.sort(key=_cursor_key, reverse=True)
         more = len(items) > limit
         items = items[:limit]
         next_cursor = encode_cursor(_cursor_key(items[-1])) if more and items else None
         return self.json({"items": items, "next_cursor": next_cursor})
-
-    async def _page_from(self, host: str, query: dict[str, str], limit: int) -> list[Any]:
-        params = {**query, "local": "1", "limit": str(limit)}
-        async with httpx.AsyncClient(timeout=settings.worker_read_timeout_seconds) as client:
-            resp = await client.get(f"{str(host).rstrip('/')}/sluice/exceptions", params=params)
-            resp.raise_for_status()
-            items: list[Any] = resp.json()["items"]
-            return items
 
 
 @app.page("/sluice/ready")
@@ -135,7 +124,124 @@ class ReadyView(View):
         return self.json(body, status=200 if ready else 503)
 
 
+async def scatter(path: str, query: dict[str, str]) -> list[Any]:
+    """This worker's answer to ``path?local=1`` plus every other worker's in the group."""
+    hosts = {str(h) for h in app.router.tables_metadata()}
+    me = str(app.conf.canonical_url)
+    params = {**query, "local": "1"}
+
+    async def one(host: str) -> Any:
+        async with httpx.AsyncClient(timeout=settings.worker_read_timeout_seconds) as client:
+            resp = await client.get(f"{host.rstrip('/')}{path}", params=params)
+            resp.raise_for_status()
+            return resp.json()
+
+    return list(await asyncio.gather(*(one(h) for h in sorted(hosts - {me}))))
+
+
+# ------------------------------------------------------------------------------ dead letters
+
+DLQ_FILTERS = ("stage", "exception_id", "error_class")
+
+
+def _dlq_entry(q: dict[str, Any], include_raw: bool) -> dict[str, Any]:
+    head = dict(q["head"])
+    if not include_raw:
+        head.pop("value", None)
+    parked = [
+        {k: p.get(k) for k in ("event_id", "topic", "partition", "offset")}
+        | ({"value": p["value"]} if include_raw else {})
+        for p in q["parked"]
+    ]
+    return {
+        "stage": q["stage"],
+        "exception_id": q["exception_id"],
+        "tenant_id": q.get("tenant_id"),
+        "since": q.get("since"),
+        "head": head,
+        "parked": parked,
+        "parked_count": len(parked),
+    }
+
+
+def local_dlq(query: dict[str, str]) -> list[dict[str, Any]]:
+    """Quarantines held by this worker. ``tenant=*`` (operators on the worker port) sees all,
+    including poison records whose tenant could not be read."""
+    tenant = query.get("tenant")
+    include_raw = query.get("raw") == "1"
+    items = []
+    for raw in quarantine_table.values():
+        q = orjson.loads(raw)
+        if tenant != "*" and q.get("tenant_id") != tenant:
+            continue
+        if any(query.get(f) and _dlq_field(q, f) != query[f] for f in DLQ_FILTERS):
+            continue
+        items.append(_dlq_entry(q, include_raw))
+    items.sort(key=lambda e: (e["since"] or "", e["exception_id"]))
+    return items
+
+
+def _dlq_field(q: dict[str, Any], name: str) -> Any:
+    return q["head"].get("error_class") if name == "error_class" else q.get(name)
+
+
+@app.page("/sluice/dlq")
+class DeadLetterView(View):
+    """Dead-lettered events and what is parked behind them, oldest first."""
+
+    async def get(self, request: Request) -> Response:
+        query = dict(request.query)
+        if not is_ready():
+            return _not_ready(self)
+        if query.get("local") == "1":
+            return self.json({"items": local_dlq(query)})
+        items = local_dlq(query)
+        for page in await scatter("/sluice/dlq", query):
+            items.extend(page["items"])
+        items.sort(key=lambda e: (e["since"] or "", e["exception_id"]))
+        return self.json({"items": items})
+
+
+# ------------------------------------------------------------------------------------- stats
+
+
+def local_stats() -> dict[str, Any]:
+    consumer = app.consumer
+    assigned = consumer.assignment() if consumer else set()
+    lag: dict[str, int] = {}
+    for tp in assigned:
+        highwater = consumer.highwater(tp)
+        committed = cast(Any, consumer)._committed_offset.get(tp)  # no public accessor
+        if highwater is not None:
+            behind = highwater - (committed + 1 if committed is not None else 0)
+            lag[tp.topic] = lag.get(tp.topic, 0) + max(0, behind)
+    depth: dict[str, int] = {}
+    parked: dict[str, int] = {}
+    for raw in quarantine_table.values():
+        q = orjson.loads(raw)
+        depth[q["stage"]] = depth.get(q["stage"], 0) + 1
+        parked[q["stage"]] = parked.get(q["stage"], 0) + len(q["parked"])
+    return {
+        "worker": str(app.conf.canonical_url),
+        "ready": is_ready(),
+        "assigned_partitions": len(assigned),
+        "stages": {name: vars(stats) for name, stats in STATS.items()},
+        "consumer_lag": lag,
+        "dlq_depth": depth,
+        "parked_now": parked,
+    }
+
+
 @app.page("/sluice/stats")
 class StatsView(View):
+    """This worker's counters (``?local=1``), or every worker's in the group."""
+
     async def get(self, request: Request) -> Response:
-        return self.json({name: vars(stats) for name, stats in STATS.items()})
+        if request.query.get("local") == "1":
+            return self.json(local_stats())
+        workers = [local_stats()]
+        try:
+            workers.extend(await scatter("/sluice/stats", {}))
+        except httpx.HTTPError as exc:
+            return self.json({"workers": workers, "unreachable": str(exc)}, status=207)
+        return self.json({"workers": workers})

@@ -163,6 +163,12 @@ class MockHTTPServer:
         with self._lock:
             self._llm_reply = reply if isinstance(reply, str) else json.dumps(reply)
 
+    def heal(self) -> None:
+        """Forget programmed failures and delays, keep the recorded requests: the tool recovered."""
+        with self._lock:
+            self._failures.clear()
+            self._delays.clear()
+
     def reset(self) -> None:
         """Forget recorded requests, programmed behaviour, tickets and the LLM reply."""
         with self._lock:

@@ -1,0 +1,394 @@
+"""Failure semantics against the real broker: poison, retries, dead letters, ordered quarantine,
+redrive, worker crashes (SIGKILL) and a broker outage."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import orjson
+from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
+
+from agents.intake import fingerprint, normalize_message
+from app.kafka_local import LocalKafka, free_port
+from schemas.codec import decode, encode
+from schemas.events import ExceptionReport
+from tests.conftest import Names
+from tests.integration.conftest import StackFactory
+from tests.integration.test_pipeline import CHAIN, PAYMENT, get, ingested, post
+from tests.support.mock_http import MockHTTPServer
+from tests.support.stack import PARTITIONS, Stack
+
+_partitioner = DefaultPartitioner()
+
+
+def partition_of(key: bytes) -> int:
+    parts = list(range(PARTITIONS))
+    return int(_partitioner(key, parts, parts))
+
+
+def keys_on(partition: int, prefix: str, n: int) -> list[str]:
+    """``n`` keys that the default partitioner puts on ``partition``."""
+    found: list[str] = []
+    i = 0
+    while len(found) < n:
+        key = f"{prefix}-{i}"
+        if partition_of(key.encode()) == partition:
+            found.append(key)
+        i += 1
+    return found
+
+
+POISON = {
+    "malformed": b"{not json",
+    "invalid": orjson.dumps({"event_type": "ExceptionIngested", "tenant_id": "acme"}),
+}
+
+
+def unknown_version(exception_id: str) -> bytes:
+    raw = orjson.loads(encode(ingested(exception_id, 0)))
+    raw["schema_version"] = 99
+    return orjson.dumps(raw)
+
+
+async def test_poison_lands_in_each_stages_dlq_and_the_partition_keeps_flowing(
+    stack_factory: StackFactory,
+) -> None:
+    stack = await stack_factory(api=False)
+    t = stack.topics
+    stage_topics = {
+        "intake": t.ingested,
+        "group": t.fingerprinted,
+        "triage": t.accepted,
+        "policy": t.triaged,
+        "playbook": t.decided,
+        "tool": t.planned,
+    }
+    producer = AIOKafkaProducer(bootstrap_servers=stack.bootstrap, acks="all")
+    await producer.start()
+    injected: dict[str, list[tuple[bytes, bytes]]] = {}
+    try:
+        for stage, topic in stage_topics.items():
+            k1, k2, k3 = keys_on(0, f"poison-{stage}", 3)
+            records = [
+                (k1.encode(), POISON["malformed"]),
+                (k2.encode(), POISON["invalid"]),
+                (k3.encode(), unknown_version(k3)),
+            ]
+            for key, value in records:
+                await producer.send_and_wait(topic, value, key=key)
+            injected[stage] = records
+    finally:
+        await producer.stop()
+
+    # Valid exceptions behind the poison, on partition 0 of every stage topic: exception ids that
+    # hash to 0, and messages whose grouping key (tenant:fingerprint) hashes to 0 as well.
+    behind = []
+    words = (f"hub {a}{b}" for a in "abcdefghij" for b in "klmnopqrst")
+    for exception_id in keys_on(0, "after-poison", 3):
+        while True:
+            report = ExceptionReport(
+                source="shipping", error_type="ShipmentStuck", message=f"stuck at {next(words)}"
+            )
+            fp = fingerprint("acme", "shipping", "ShipmentStuck", normalize_message(report.message))
+            if partition_of(f"acme:{fp}".encode()) == 0:
+                break
+        event = ingested(exception_id, 0)
+        behind.append(
+            event.model_copy(
+                update={"payload": event.payload.model_copy(update={"report": report})}
+            )
+        )
+    await stack.produce_events(t.ingested, behind)
+
+    for stage, records in injected.items():
+        dead = await stack.read_topic(t.dlq(stage), expect=3)
+        assert [(r.key, r.value) for r in dead] == records, f"{stage}: raw bytes or key changed"
+        kinds = []
+        for r, (_key, _value) in zip(dead, records, strict=True):
+            headers = {k: v.decode() for k, v in r.headers}
+            assert headers["sluice.original.topic"] == stage_topics[stage]
+            assert headers["sluice.original.partition"] == "0"
+            assert int(headers["sluice.original.offset"]) >= 0
+            assert headers["sluice.stage"] == stage
+            assert headers["sluice.error.class"] == "poison"
+            assert headers["sluice.error.message"]
+            assert headers["sluice.error.attempts"] == "1"
+            assert headers["sluice.error.first_failure_at"]
+            assert headers["sluice.error.last_failure_at"]
+            assert headers["sluice.exception_id"] == r.key.decode()
+            kinds.append(headers["sluice.error.kind"])
+        assert kinds == ["malformed", "invalid", "unknown_schema_version"]
+
+    completed = await stack.read_topic(t.completed, expect=3)
+    assert sorted(decode(r.value).exception_id for r in completed) == sorted(
+        e.exception_id for e in behind
+    )
+
+
+async def test_transient_tool_failures_are_retried_and_retry_after_honoured(
+    stack_factory: StackFactory, mock_server: MockHTTPServer
+) -> None:
+    stack = await stack_factory()
+    mock_server.fail("/tickets", 503, times=2)
+    mock_server.fail("/notify", 429, times=1, retry_after=1)
+    resp = await post(stack, PAYMENT)
+    exception_id = resp.json()["exception_id"]
+    state = await stack.wait_for_state(exception_id, {"resolved", "dead_lettered"})
+    assert state["status"] == "resolved"
+
+    tickets = mock_server.calls("/tickets")
+    assert len(tickets) == 3, "503, 503, then success"
+    assert len({c.idempotency_key for c in tickets}) == 1, "retries carry the same key"
+    assert state["tool_results"][0]["detail"]["attempts"] == 3
+    notify = mock_server.calls("/notify")
+    assert len(notify) == 2
+    assert notify[1].at - notify[0].at >= 1.0, "Retry-After: 1 was not honoured"
+
+
+async def test_past_the_bound_dead_letters_parks_later_events_and_redrive_completes_in_order(
+    stack_factory: StackFactory, mock_server: MockHTTPServer
+) -> None:
+    stack = await stack_factory()
+    mock_server.fail("/hooks/acme", 503, times=1000)  # the callback step's endpoint is down
+    exception_id = (await post(stack, PAYMENT)).json()["exception_id"]
+    state = await stack.wait_for_state(exception_id, {"dead_lettered"})
+    assert state["quarantine"]["stage"] == "tool"
+    assert state["quarantine"]["error_class"] == "transient"
+    assert state["quarantine"]["attempts"] == 3
+    assert len(mock_server.calls("/hooks/acme")) == 3
+
+    # Two later events of the same exception reach the tool stage and are parked behind it.
+    later = [ingested(exception_id, n) for n in (1, 2)]
+    later = [
+        e.model_copy(
+            update={"payload": e.payload.model_copy(update={"report": _payment_report(n)})}
+        )
+        for n, e in enumerate(later, start=1)
+    ]
+    await stack.produce_events(stack.topics.ingested, later)
+    deadline = time.monotonic() + 60
+    while (await get(stack, f"/v1/exceptions/{exception_id}")).json()["parked"] < 2:
+        assert time.monotonic() < deadline, "the later events were not parked"
+        await asyncio.sleep(0.3)
+
+    dlq = (await get(stack, "/v1/dlq")).json()["items"]
+    assert [(e["stage"], e["exception_id"], e["parked_count"]) for e in dlq] == [
+        ("tool", exception_id, 2)
+    ]
+    # Nothing of the parked events was executed.
+    assert len(mock_server.calls("/tickets")) == 1
+
+    mock_server.heal()
+    async with httpx.AsyncClient(base_url=stack.api_url) as client:
+        resp = await client.post(
+            f"/v1/exceptions/{exception_id}/redrive",
+            json={"reason": "webhook endpoint fixed"},
+            headers=stack.headers(),
+        )
+    assert resp.status_code == 202, resp.text
+    assert resp.json()["stage"] == "tool"
+
+    completed = await stack.read_topic(stack.topics.completed, expect=3)
+    chains = [decode(r.value).correlation_id for r in completed]
+    first_chain = next(
+        e["correlation_id"]
+        for e in (await get(stack, f"/v1/exceptions/{exception_id}/events")).json()
+        if e["event_type"] == "ExceptionIngested"
+    )
+    assert [str(c) for c in chains] == [first_chain] + [str(e.correlation_id) for e in later]
+    state = await stack.wait_for_state(exception_id, {"resolved"})
+    assert state["quarantine"] is None and state["parked"] == 0
+    # The redrive replayed the original plan's ticket and page from the ledger: one call each;
+    # its callback was tried 3 times before the dead letter and once more after the redrive.
+    for path in ("/tickets", "/notify"):
+        keys = Counter(c.idempotency_key for c in mock_server.calls(path))
+        assert len(keys) == 3 and set(keys.values()) == {1}, (path, keys)
+    hooks = Counter(c.idempotency_key for c in mock_server.calls("/hooks/acme"))
+    assert sorted(hooks.values()) == [1, 1, 4], hooks
+    types = [
+        e["event_type"] for e in (await get(stack, f"/v1/exceptions/{exception_id}/events")).json()
+    ]
+    for expected in (
+        "ExceptionDeadLettered",
+        "ExceptionParked",
+        "ExceptionRedriveRequested",
+        "ExceptionQuarantineLifted",
+    ):
+        assert expected in types
+    assert (await get(stack, "/v1/dlq")).json()["items"] == []
+
+
+def _payment_report(n: int) -> ExceptionReport:
+    return ExceptionReport(
+        source="payments",
+        error_type="PaymentDeclined",
+        message=f"Card declined again, attempt {n}",
+        attributes={"n": n},
+    )
+
+
+async def test_discard_drops_the_dead_letter_with_a_reason(
+    stack_factory: StackFactory, mock_server: MockHTTPServer
+) -> None:
+    stack = await stack_factory()
+    mock_server.fail("/hooks/acme", 400, times=1)  # permanent: no retry
+    exception_id = (await post(stack, PAYMENT)).json()["exception_id"]
+    state = await stack.wait_for_state(exception_id, {"dead_lettered"})
+    assert state["quarantine"]["error_class"] == "permanent"
+    assert len(mock_server.calls("/hooks/acme")) == 1
+    async with httpx.AsyncClient(base_url=stack.api_url) as client:
+        missing = await client.post(
+            f"/v1/exceptions/{exception_id}/discard", json={}, headers=stack.headers()
+        )
+        assert missing.status_code == 422  # a reason is required
+        other = await client.post(
+            f"/v1/exceptions/{exception_id}/discard",
+            json={"reason": "not mine"},
+            headers=stack.headers("globex"),
+        )
+        assert other.status_code == 404  # another tenant cannot touch it
+        resp = await client.post(
+            f"/v1/exceptions/{exception_id}/discard",
+            json={"reason": "refunded by hand"},
+            headers=stack.headers(),
+        )
+    assert resp.status_code == 202, resp.text
+    state = await stack.wait_for_state(exception_id, {"discarded"})
+    events = (await get(stack, f"/v1/exceptions/{exception_id}/events")).json()
+    lifted = [e for e in events if e["event_type"] == "ExceptionQuarantineLifted"]
+    assert lifted and lifted[0]["payload"]["action"] == "discard"
+    assert lifted[0]["payload"]["reason"] == "refunded by hand"
+
+
+async def test_sigkill_crashes_lose_nothing_and_call_no_tool_twice(
+    stack_factory: StackFactory, mock_server: MockHTTPServer
+) -> None:
+    stack = await stack_factory()
+    total = 2000
+    reports = [
+        {"source": "shipping", "error_type": "ShipmentStuck", "message": f"Parcel {i} stuck"}
+        for i in range(total)
+    ]
+    accepted: list[str] = []
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=60) as client:
+        for start in range(0, total, 200):
+            resp = await client.post(
+                "/v1/exceptions:batch",
+                json={"items": reports[start : start + 200]},
+                headers=stack.headers(),
+            )
+            assert resp.status_code == 200, resp.text
+            for item in resp.json()["results"]:
+                assert item["status_code"] == 202, item
+                accepted.append(item["exception_id"])
+    assert len(accepted) == total
+
+    rng = random.Random(7)  # noqa: S311 - test timing, not security
+    kills = 0
+    for _ in range(5):
+        await asyncio.sleep(rng.uniform(2.0, 5.0))
+        stack.stop_worker(0, signal.SIGKILL)
+        kills += 1
+        stack.start_worker(0)
+        stack.wait_ready(timeout=120)
+    assert kills == 5
+
+    # Every accepted exception ends completed or in the DLQ.
+    terminal = await _wait_terminal(stack, set(accepted), timeout=600)
+    outcomes = Counter(terminal.values())
+    assert set(outcomes) <= {"resolved", "dead_lettered"}, outcomes
+    assert sum(outcomes.values()) == total
+    # No tool call was made twice with one idempotency key.
+    duplicates = {k: n for k, n in mock_server.calls_by_idempotency_key().items() if n > 1}
+    assert duplicates == {}
+    # Dead letters, if any, are in-doubt calls (a kill between call and ledger): never retried.
+    for exception_id, status in terminal.items():
+        if status == "dead_lettered":
+            state = (await get(stack, f"/v1/exceptions/{exception_id}")).json()
+            assert state["quarantine"]["error_class"] == "in_doubt", state
+    # Every exception's stage events are in chain order.
+    sample = rng.sample(accepted, 200)
+    for exception_id in sample:
+        events = (await get(stack, f"/v1/exceptions/{exception_id}/events")).json()
+        chain = [e["event_type"] for e in events if e["event_type"] in CHAIN]
+        assert chain == CHAIN[: len(chain)] and len(chain) >= 5, (exception_id, chain)
+        seqs = [e["sequence"] for e in events if e["event_type"] in CHAIN]
+        assert seqs == sorted(seqs)
+
+
+async def _wait_terminal(stack: Stack, ids: set[str], timeout: float) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    states: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        states = {}
+        async with httpx.AsyncClient(base_url=stack.api_url, timeout=60) as client:
+            for status in ("resolved", "dead_lettered"):
+                cursor = None
+                while True:
+                    params = {"status": status, "limit": "200"}
+                    if cursor:
+                        params["cursor"] = cursor
+                    page = (
+                        await client.get("/v1/exceptions", params=params, headers=stack.headers())
+                    ).json()
+                    for item in page["items"]:
+                        states[item["exception_id"]] = item["status"]
+                    cursor = page.get("next_cursor")
+                    if not cursor:
+                        break
+        if ids <= set(states):
+            return {k: v for k, v in states.items() if k in ids}
+        await asyncio.sleep(2)
+    missing = len(ids - set(states))
+    raise AssertionError(f"{missing} exceptions never finished\n{stack.logs()}")
+
+
+async def test_broker_outage_answers_503_and_loses_nothing(
+    names: Names, tmp_path: Path, mock_server: MockHTTPServer
+) -> None:
+    broker = LocalKafka(tmp_path / "kafka", port=free_port())
+    broker.start()
+    stack = Stack(
+        bootstrap=broker.bootstrap_servers,
+        app_id=names.app_id,
+        topic_prefix=names.topic_prefix,
+        root=tmp_path,
+        tools_url=mock_server.url,
+    )
+    try:
+        await stack.prepare()
+        stack.start_worker(0)
+        stack.start_api()
+        stack.wait_ready()
+        before = [(await post(stack, {**PAYMENT, "external_ref": f"b{i}"})) for i in range(5)]
+        assert {r.status_code for r in before} == {202}
+
+        broker.stop()
+        async with httpx.AsyncClient(base_url=stack.api_url, timeout=60) as client:
+            down = await client.post("/v1/exceptions", json=PAYMENT, headers=stack.headers())
+            assert down.status_code == 503, down.text
+            assert "retry-after" in down.headers
+
+        broker.start()
+        after = []
+        deadline = time.monotonic() + 120
+        while len(after) < 5 and time.monotonic() < deadline:
+            resp = await post(stack, {**PAYMENT, "external_ref": f"a{len(after)}"})
+            if resp.status_code == 202:
+                after.append(resp)
+            else:
+                assert resp.status_code == 503
+                await asyncio.sleep(1)
+        assert len(after) == 5
+        for resp in [*before, *after]:
+            await stack.wait_for_state(resp.json()["exception_id"], {"resolved"}, timeout=180)
+    finally:
+        stack.stop()
+        broker.stop()
