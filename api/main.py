@@ -5,6 +5,12 @@
 process at startup, with the error's text), starts the Kafka producer in the background (the API starts
 and answers 503 while the broker is unreachable) and opens the HTTP client to the workers; it closes them
 on shutdown. A body size limit sits in front of everything (413), and every error is a problem document.
+
+Telemetry (``app.telemetry``): logging per SLUICE_LOG_LEVEL / SLUICE_LOG_FORMAT; when the OTEL_*
+variables turn tracing on, a server span per request (the parent of the ``send {topic}`` spans whose
+traceparent goes to Kafka) and client spans for reads from workers, flushed at shutdown. Ingest
+requests are counted by route and status code (``sluice_ingest_requests_total``) by a middleware
+outside the body limit, so 413s count too; ``GET /metrics`` serves the Prometheus text.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors
 from api.body_limit import BodyLimitMiddleware
@@ -22,8 +29,16 @@ from api.deps import Runtime
 from api.idempotency import Idempotency
 from api.producer import KafkaEventProducer
 from api.reader import WorkerReader
-from api.routes import exceptions, health
+from api.routes import exceptions, health, operations
 from app.settings import Settings, get_settings
+from app.telemetry import (
+    instrument_fastapi,
+    instrument_httpx,
+    metrics,
+    setup_logging,
+    setup_tracing,
+    shutdown_tracing,
+)
 from schemas.config import ConfigError, load_api_keys
 
 log = logging.getLogger("sluice.api")
@@ -38,8 +53,40 @@ is scoped to it. Reports are accepted with **202** once Kafka has acknowledged t
 """
 
 
+INGEST_ROUTES = frozenset({"/v1/exceptions", "/v1/exceptions:batch"})
+
+
+class IngestMetricsMiddleware:
+    """Counts every answer to a POST on an ingest route by route and status code; a request that
+    raised past every handler counts as the 500 the server answers."""
+
+    def __init__(self, app: ASGIApp, routes: frozenset[str] = INGEST_ROUTES) -> None:
+        self.app = app
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path") if scope["type"] == "http" else None
+        if scope.get("method") != "POST" or path not in self.routes:
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_and_note_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note_status)
+        finally:
+            metrics.ingest_request(str(path), status)
+
+
 def create_api(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    setup_logging(settings.log_level, json=settings.log_format == "json")
+    setup_tracing("sluice-api")  # None, and nothing installed, unless OTEL_* asks for traces
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -69,6 +116,7 @@ def create_api(settings: Settings | None = None) -> FastAPI:
             app.state.runtime = None
             await reader.close()
             await producer.close()
+            shutdown_tracing()  # flushes the spans still queued
 
     api = FastAPI(
         title="Sluice",
@@ -78,8 +126,12 @@ def create_api(settings: Settings | None = None) -> FastAPI:
     )
     errors.install(api)
     api.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    api.add_middleware(IngestMetricsMiddleware)
+    instrument_fastapi(api)
+    instrument_httpx()
     api.include_router(health.router)
     api.include_router(exceptions.router)
+    api.include_router(operations.router)
 
     generate = api.openapi
 
@@ -96,8 +148,8 @@ def create_api(settings: Settings | None = None) -> FastAPI:
 
 def _problem_media_type(schema: dict[str, Any]) -> None:
     """Error answers are application/problem+json; FastAPI documents every model as application/json."""
-    for operations in schema.get("paths", {}).values():
-        for operation in operations.values():
+    for path_item in schema.get("paths", {}).values():
+        for operation in path_item.values():
             for status, response in operation.get("responses", {}).items():
                 content = response.get("content", {})
                 if status.startswith(("4", "5")) and "application/json" in content:

@@ -9,6 +9,10 @@ broker acknowledged the record (acks=all), and every send is bounded by
 503 after a timeout may still reach Kafka later; its derived event id lets a retry with the same
 Idempotency-Key produce the same event, which the pipeline's intake drops as a duplicate.
 
+Each record is sent inside a ``send {topic}`` PRODUCER span whose W3C traceparent goes into the
+record's headers (``app.telemetry``), so the worker's process spans join the request's trace; the time
+spent waiting for acks feeds ``sluice_ingest_produce_seconds``.
+
 Routes depend on the :class:`EventSender` protocol, so tests can stand a fake in for Kafka.
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -25,6 +30,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
 
 from app.settings import Settings
+from app.telemetry import SendSpan, metrics, start_send_span
+from app.topics import TopicNames
 
 log = logging.getLogger("sluice.api.producer")
 
@@ -62,6 +69,7 @@ class EventSender(Protocol):
 class KafkaEventProducer:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
+        self._by_fingerprint = TopicNames(settings.topic_prefix).fingerprinted
         self._producer: Any = None
         self._connect_task: asyncio.Task[None] | None = None
         self._last_error = "The API has not connected to Kafka yet"
@@ -153,25 +161,41 @@ class KafkaEventProducer:
         producer = self._producer
         results: list[SendFailure | None] = [None] * len(records)
         pending: dict[int, asyncio.Future[Any]] = {}
+        spans: dict[int, SendSpan] = {}
+        started = time.perf_counter()
         # Send everything first (each send only queues the record), then wait for the acks together.
+        # Each record gets its own `send {topic}` span, child of the request's span, whose
+        # traceparent goes into the record's headers; the span ends when the broker acks.
         for i, record in enumerate(records):
+            span = spans[i] = start_send_span(record.topic, record.key)
+            if record.topic != self._by_fingerprint:  # every other topic is keyed by exception id
+                span.set_ids(exception_id=record.key.decode("utf-8", "replace"))
             try:
                 async with asyncio.timeout_at(deadline):
                     fut = await producer.send(
-                        record.topic, record.value, key=record.key, headers=record.headers
+                        record.topic,
+                        record.value,
+                        key=record.key,
+                        headers=span.inject(record.headers),
                     )
-            except TimeoutError:
+            except TimeoutError as exc:
                 results[i] = self._timed_out(timeout)
+                span.end(exc)
             except KafkaError as exc:
                 results[i] = self._failed(exc)
+                span.end(exc)
             else:
                 fut.add_done_callback(_retrieve)
+                span.end_when_done(fut)
                 pending[i] = fut
         if pending:
             await asyncio.wait(pending.values(), timeout=max(0.0, deadline - loop.time()))
+            metrics.produce_latency(time.perf_counter() - started)
         for i, fut in pending.items():
             if not fut.done():
-                results[i] = self._timed_out(timeout)
+                failure = self._timed_out(timeout)
+                results[i] = failure
+                spans[i].end(TimeoutError(failure.detail))
             elif fut.cancelled():
                 results[i] = SendFailure(503, "The send to Kafka was cancelled.")
             elif (error := fut.exception()) is not None:

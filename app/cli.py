@@ -76,11 +76,21 @@ def worker(
 
     from app.admin import ensure_topics
     from app.faust_app import app, settings
+    from app.telemetry import instrument_httpx, logging_config, metrics, setup_tracing
+    from app.topics import STAGES
 
     # Topics must exist before the consumer subscribes: a topic created later is only noticed at
     # the next metadata refresh (minutes), so events would sit unprocessed until then.
     asyncio.run(ensure_topics(settings))
-    Worker(app, loglevel=loglevel.lower(), quiet=not sys.stdout.isatty()).execute_from_commandline()
+    setup_tracing("sluice-worker")
+    instrument_httpx()  # tool and LLM calls become client spans inside the stage's process span
+    metrics.declare_stages(list(STAGES))
+    Worker(
+        app,
+        loglevel=loglevel.lower(),
+        quiet=True,
+        logging_config=logging_config(loglevel, settings.log_format == "json"),
+    ).execute_from_commandline()
 
 
 @cli.command("api")

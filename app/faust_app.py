@@ -32,6 +32,8 @@ def create_app(settings: Settings) -> faust.App:
         # Every stage is idempotent, so an event still buffered at shutdown or rebalance can simply be
         # redelivered; waiting for buffered events instead stalled shutdown until SIGKILL.
         stream_wait_empty=False,
+        broker_session_timeout=settings.worker_session_timeout_seconds,
+        broker_heartbeat_interval=min(3.0, settings.worker_session_timeout_seconds / 3),
     )
 
 

@@ -28,9 +28,10 @@ import time
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import faust
 import httpx
@@ -47,6 +48,15 @@ from agents.tools import Tool, ToolError, build_tools
 from agents.triage import triage
 from app.faust_app import app, settings, topics
 from app.stores import MappingLedger, MappingProcessedStore
+from app.telemetry import (
+    SpanHandle,
+    dead_letter_event,
+    metrics,
+    process_span,
+    redrive_event,
+    retry_event,
+    start_send_span,
+)
 from schemas.codec import PoisonEvent, decode, encode
 from schemas.config import TenantConfig, load_tenants
 from schemas.events import (
@@ -55,6 +65,7 @@ from schemas.events import (
     Event,
     EventBase,
     ExceptionAccepted,
+    ExceptionCompleted,
     ExceptionDeadLettered,
     ExceptionDecided,
     ExceptionDiscardRequested,
@@ -169,7 +180,31 @@ def _table(name: str, key_type: type = str) -> TableT[Any, Any]:
 exceptions_table = _table("exceptions", key_type=bytes)  # exception id -> ExceptionRecord JSON
 fingerprints_table = _table("exception-fingerprints")  # exception id -> fingerprint of 1st report
 groups_table = _expiring_table("fingerprint-groups")  # tenant:fingerprint -> group + recent outputs
-ledger_table = _expiring_table("tool-ledger")  # idempotency key -> StepResult or an intent
+
+
+class AckedTable(faust.Table):
+    """A table whose latest changelog write can be awaited: the tool ledger's in-flight marker must
+    be acknowledged by Kafka before the tool is called, or a crash could forget the call."""
+
+    last_write: asyncio.Future[Any] | None = None
+
+    def send_changelog(self, *args: Any, **kwargs: Any) -> Any:
+        fut = super().send_changelog(*args, **kwargs)
+        self.last_write = fut
+        return fut
+
+
+ledger_table: Any = app.tables.add(  # idempotency key -> StepResult or an in-flight marker
+    AckedTable(
+        app,
+        name="tool-ledger",
+        beacon=app.tables.beacon,
+        key_type=str,
+        value_type=bytes,
+        options={**_ROCKSDICT, "ttl": settings.processed_ttl_seconds},
+        extra_topic_configs=_EXPIRING,
+    )
+)
 quarantine_table = _table("quarantine")  # <stage>:<exception id> -> dead letter + parked items
 
 
@@ -211,11 +246,31 @@ class Item:
     timestamp: float | None
     attempts: int = 0  # failed attempts before this one (kept across redrives)
     first_failure_at: str | None = None
+    headers: tuple[tuple[str, bytes], ...] = ()  # trace context: a replay joins the original trace
 
     @classmethod
     def of(cls, record: faust.EventT) -> Item:
         msg = record.message
-        return cls(msg.key, msg.value or b"", msg.topic, msg.partition, msg.offset, msg.timestamp)
+        raw: Any = msg.headers.items() if isinstance(msg.headers, dict) else (msg.headers or ())
+        headers = tuple(
+            (str(k), v if isinstance(v, bytes) else str(v).encode())
+            for k, v in raw
+            if k in ("traceparent", "tracestate")
+        )
+        return cls(
+            msg.key,
+            msg.value or b"",
+            msg.topic,
+            msg.partition,
+            msg.offset,
+            msg.timestamp,
+            headers=headers,
+        )
+
+    def span(self, stage: str) -> AbstractContextManager[SpanHandle]:
+        return process_span(
+            stage, self.topic, self.partition, self.offset, self.key, app.conf.id, self.headers
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -227,6 +282,7 @@ class Item:
             "timestamp": self.timestamp,
             "attempts": self.attempts,
             "first_failure_at": self.first_failure_at,
+            "headers": [[k, v.decode()] for k, v in self.headers],
         }
 
     @classmethod
@@ -240,6 +296,7 @@ class Item:
             timestamp=data["timestamp"],
             attempts=data["attempts"],
             first_failure_at=data["first_failure_at"],
+            headers=tuple((k, v.encode()) for k, v in data.get("headers", ())),
         )
 
 
@@ -284,44 +341,72 @@ class StageRunner:
         STATS[self.name] = self.stats
 
     async def run(self, stream: faust.StreamT[bytes]) -> None:
-        async for record in stream.events():
-            await self.handle(Item.of(record))
+        # Acks are manual: an event is acked only if no rebalance happened while it was being
+        # processed. Faust clears its buffers on a rebalance, and an ack arriving after that could
+        # let it commit past the cleared (never processed) events of a partition whose committed
+        # offset it has not recorded yet; unacked, the event is simply delivered again.
+        async for record in cast(Any, stream).noack().events():
+            generation = rebalances.count
+            item = Item.of(record)
+            with item.span(self.name) as span:
+                await self.handle(item, span=span)
+            if rebalances.count == generation:
+                record.ack()
 
     # -- the per-item path ----------------------------------------------------------------------
 
-    async def handle(self, item: Item, redriven: bool = False) -> bool:
+    async def handle(self, item: Item, span: SpanHandle, redriven: bool = False) -> bool:
         """Process one item; False when it was dead-lettered or parked instead."""
+        started = time.perf_counter()
         try:
             event = decode(item.value)
         except PoisonEvent as exc:
             qid = item.key.decode(errors="replace") if item.key else None
-            if qid is not None and not redriven and self._quarantine(qid) is not None:
-                await self.park(qid, item, None)
+            quarantined = None if qid is None or redriven else self._quarantine(qid)
+            if quarantined is not None and qid is not None:
+                if not _holds(quarantined, item):
+                    await self.park(qid, item, None, span)
                 return False
-            await self.dead_letter(qid, item, None, DeadLetter("poison", exc.kind, str(exc), 1))
+            dead = DeadLetter("poison", exc.kind, str(exc), 1)
+            await self.dead_letter(qid, item, None, dead, span)
             return False
+        span.set_ids(
+            tenant_id=event.tenant_id,
+            exception_id=event.exception_id,
+            event_id=str(event.event_id),
+        )
         if isinstance(event, OperatorRequest) and event.payload.stage == self.name:
-            await self.operate(event)
+            await self.operate(event, span)
             return True
         if isinstance(event, OperatorRequest) and self.name != "projection":
+            span.set_outcome("processed")
             return True  # addressed to another stage that shares the topic
         qid = event.exception_id
-        if not redriven and self._quarantine(qid) is not None:
-            await self.park(qid, item, event)
+        quarantined = None if redriven else self._quarantine(qid)
+        if quarantined is not None:
+            if _holds(quarantined, item):  # redelivered after a crash: it is already recorded
+                self.stats.duplicates += 1
+                span.set_outcome("duplicate")
+                return False
+            await self.park(qid, item, event, span)
             return False
         if self.processed.seen(str(event.event_id)):
             self.stats.duplicates += 1
+            metrics.duplicate(self.name)
+            span.set_outcome("duplicate")
             return True
         try:
             outputs = await self._call(event, redriven)
         except DeadLetter as dead:
-            await self.dead_letter(qid, item, event, dead)
+            await self.dead_letter(qid, item, event, dead, span)
             return False
         await send_all([(topic, key, encode(out)) for topic, key, out in outputs])
         self.processed.mark(str(event.event_id), now())
         self.stats.processed += 1
         self.stats.emitted += len(outputs)
         self.stats.last_event_at = time.time()
+        metrics.processed(self.name, time.perf_counter() - started)
+        span.set_outcome("processed")
         return True
 
     async def _call(self, event: Event, redriven: bool) -> list[Output]:
@@ -331,15 +416,21 @@ class StageRunner:
             try:
                 return await self.handler(event, redriven)
             except StageError as exc:
+                metrics.failed(self.name, exc.error_class)
                 raise DeadLetter(
                     exc.error_class, exc.kind, str(exc), exc.attempts or attempt
                 ) from exc
             except TRANSIENT as exc:
+                metrics.failed(self.name, "transient")
                 if attempt >= RETRY.max_attempts:
                     raise DeadLetter("transient", type(exc).__name__, str(exc), attempt) from exc
                 self.stats.retried += 1
-                await asyncio.sleep(backoff_delay(attempt, RETRY, None, _rng))
+                metrics.retried(self.name)
+                delay = backoff_delay(attempt, RETRY, None, _rng)
+                retry_event(attempt, "transient", str(exc), delay)
+                await asyncio.sleep(delay)
             except Exception as exc:  # a bug or bad data: retrying the same input cannot help
+                metrics.failed(self.name, "permanent")
                 raise DeadLetter("permanent", type(exc).__name__, str(exc), attempt) from exc
 
     # -- quarantine -----------------------------------------------------------------------------
@@ -358,7 +449,12 @@ class StageRunner:
             quarantine_table[self._qkey(qid)] = orjson.dumps(q)
 
     async def dead_letter(
-        self, qid: str | None, item: Item, event: EventBase | None, dead: DeadLetter
+        self,
+        qid: str | None,
+        item: Item,
+        event: EventBase | None,
+        dead: DeadLetter,
+        span: SpanHandle,
     ) -> None:
         at = now().isoformat()
         attempts = item.attempts + dead.attempts
@@ -430,6 +526,9 @@ class StageRunner:
             )
             self._save(qid, q)
         self.stats.dead_lettered += 1
+        metrics.dead_lettered(self.name, dead.error_class)
+        dead_letter_event(self.dlq.get_topic_name(), dead.error_class, dead.kind, dead.message)
+        span.set_outcome("dead_lettered")
         log.warning(
             "%s: dead-lettered %s (%s %s: %s)",
             self.name,
@@ -439,12 +538,14 @@ class StageRunner:
             dead.message,
         )
 
-    async def park(self, qid: str, item: Item, event: EventBase | None) -> None:
+    async def park(self, qid: str, item: Item, event: EventBase | None, span: SpanHandle) -> None:
         q = self._quarantine(qid)
         assert q is not None  # noqa: S101 - callers checked
         q["parked"].append({**item.to_json(), "event_id": str(event.event_id) if event else None})
         self._save(qid, q)
         self.stats.parked += 1
+        metrics.parked(self.name)
+        span.set_outcome("parked")
         if event is not None:
             payload = ParkedPayload(
                 stage=self.name,
@@ -456,7 +557,9 @@ class StageRunner:
             note = follow(event, ExceptionParked, f"{self.name}:parked", payload, now())
             await send_all([(operations_topic, note.exception_id.encode(), encode(note))])
 
-    async def operate(self, request: ExceptionRedriveRequested | ExceptionDiscardRequested) -> None:
+    async def operate(
+        self, request: ExceptionRedriveRequested | ExceptionDiscardRequested, span: SpanHandle
+    ) -> None:
         """Redrive or discard: replay the quarantine in order, then lift it."""
         if self.processed.seen(str(request.event_id)):
             self.stats.duplicates += 1
@@ -473,8 +576,14 @@ class StageRunner:
         items = [Item.from_json(q["head"])] if redrive else []
         items += [Item.from_json(p) for p in q["parked"]]
         self._save(qid, None)
+        redrive_event(self.name, self.dlq.get_topic_name(), len(items))
+        span.set_outcome("processed")
         for index, it in enumerate(items):
-            if not await self.handle(it, redriven=True):
+            # Each replay is a span in the replayed event's own trace, next to its failure.
+            with it.span(self.name) as replay:
+                replay.add_event("sluice.redrive", {"sluice.request_id": str(request.event_id)})
+                ok = await self.handle(it, replay, redriven=True)
+            if not ok:
                 # Dead-lettered again: it heads a new quarantine, the rest stay parked behind it.
                 again = self._quarantine(qid)
                 if again is not None:
@@ -500,6 +609,30 @@ class StageRunner:
         self.processed.mark(str(request.event_id), now())
 
 
+def _holds(quarantine: dict[str, Any], item: Item) -> bool:
+    """Whether the quarantine already holds this very record (as its head or parked)."""
+    where = (item.topic, item.partition, item.offset)
+    held = [quarantine["head"], *quarantine["parked"]]
+    return any((h["topic"], h["partition"], h["offset"]) == where for h in held)
+
+
+class _Rebalances:
+    """Counts partition revocations and assignments, to tell whether one happened meanwhile."""
+
+    count = 0
+
+
+rebalances = _Rebalances()
+
+
+async def _on_rebalance(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+    rebalances.count += 1
+
+
+app.on_partitions_revoked.connect(_on_rebalance)
+app.on_partitions_assigned.connect(_on_rebalance)
+
+
 def _where(item: Item) -> str:
     return f"{item.topic}[{item.partition}]@{item.offset}"
 
@@ -521,10 +654,16 @@ async def send_all(
     delay = 0.1
     while True:
         try:
-            futures = [
-                await topic.send(key=key, value=value, headers=headers, force=True)
-                for topic, key, value in items
-            ]
+            futures = []
+            for topic, key, value in items:
+                sending = start_send_span(topic.get_topic_name(), key)
+                fut = asyncio.ensure_future(
+                    await topic.send(
+                        key=key, value=value, headers=sending.inject(headers or []), force=True
+                    )
+                )
+                sending.end_when_done(fut)
+                futures.append(fut)
             for fut in futures:
                 await fut
             return
@@ -537,8 +676,10 @@ async def send_all(
 
 
 async def durable() -> None:
-    """Wait until everything produced so far, table changelog writes included, is acknowledged."""
-    await app.producer.flush()
+    """Wait until the tool ledger's latest write is acknowledged by Kafka."""
+    write = cast(AckedTable, ledger_table).last_write
+    if write is not None:
+        await write
 
 
 def _runner(name: str, handler: Handler) -> StageRunner:
@@ -694,6 +835,8 @@ async def handle_projection(event: Event, redriven: bool = False) -> list[Output
     updated = apply(record, event)
     if updated is not None:
         exceptions_table[key] = updated.model_dump_json().encode()
+        if isinstance(event, ExceptionCompleted):
+            metrics.end_to_end((event.occurred_at - updated.state.received_at).total_seconds())
     return []
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -47,6 +48,10 @@ class Settings(BaseSettings):
         "route a read to the worker that owns the partition).",
     )
     log_level: str = "WARNING"
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="SLUICE_LOG_FORMAT: text lines, or JSON lines with trace and exception ids.",
+    )
 
     config_dir: Path = Field(
         default=Path("config/example"),
@@ -65,6 +70,13 @@ class Settings(BaseSettings):
         default=7 * 86_400,
         ge=60,
         description="How long a stage remembers processed event ids (duplicate detection).",
+    )
+    worker_session_timeout_seconds: float = Field(
+        default=10.0,
+        ge=6,
+        le=300,
+        description="A worker that stops heartbeating is dropped from the group after this, and its "
+        "partitions move on: the bound on how long a crashed worker's partitions stall.",
     )
     tool_max_attempts: int = Field(default=3, ge=1, le=20)
     tool_backoff_base_seconds: float = Field(default=0.2, ge=0)

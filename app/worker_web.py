@@ -18,8 +18,9 @@ import httpx
 import orjson
 from faust.web import Request, Response, View
 
-from app.faust_app import app, settings
+from app.faust_app import app, settings, topics
 from app.pipeline import STATS, exceptions_table, quarantine_table
+from app.telemetry import metrics, render_metrics, shutdown_tracing
 from schemas.state import ExceptionRecord
 
 MAX_LIMIT = 200
@@ -102,9 +103,11 @@ class ExceptionListView(View):
         if not is_ready():
             return _not_ready(self)
         if query.get("local") == "1":
-            return self.json({"items": local_page(query, limit)})
-        items = local_page(query, limit)
-        for page in await scatter("/sluice/exceptions", {**query, "limit": str(limit)}):
+            # A gathering worker asks for one more than its page, to know whether more remain.
+            wanted = max(1, min(MAX_LIMIT + 1, int(query.get("limit", "50"))))
+            return self.json({"items": local_page(query, wanted)})
+        items = local_page(query, limit + 1)
+        for page in await scatter("/sluice/exceptions", {**query, "limit": str(limit + 1)}):
             items.extend(page["items"])
         items.sort(key=_cursor_key, reverse=True)
         more = len(items) > limit
@@ -205,16 +208,27 @@ class DeadLetterView(View):
 # ------------------------------------------------------------------------------------- stats
 
 
+def partition_lags() -> dict[Any, int]:
+    """Records not yet committed, per assigned topic-partition of this worker."""
+    consumer = app.consumer
+    lags: dict[Any, int] = {}
+    sources = set(topics.all())  # not the changelogs a worker also reads while recovering
+    for tp in consumer.assignment() if consumer else set():
+        if tp.topic not in sources:
+            continue
+        highwater = consumer.highwater(tp)
+        committed = cast(Any, consumer)._committed_offset.get(tp)  # no public accessor
+        if highwater is not None:
+            lags[tp] = max(0, highwater - (committed + 1 if committed is not None else 0))
+    return lags
+
+
 def local_stats() -> dict[str, Any]:
     consumer = app.consumer
     assigned = consumer.assignment() if consumer else set()
     lag: dict[str, int] = {}
-    for tp in assigned:
-        highwater = consumer.highwater(tp)
-        committed = cast(Any, consumer)._committed_offset.get(tp)  # no public accessor
-        if highwater is not None:
-            behind = highwater - (committed + 1 if committed is not None else 0)
-            lag[tp.topic] = lag.get(tp.topic, 0) + max(0, behind)
+    for tp, behind in partition_lags().items():
+        lag[tp.topic] = lag.get(tp.topic, 0) + behind
     depth: dict[str, int] = {}
     parked: dict[str, int] = {}
     for raw in quarantine_table.values():
@@ -245,3 +259,39 @@ class StatsView(View):
         except httpx.HTTPError as exc:
             return self.json({"workers": workers, "unreachable": str(exc)}, status=207)
         return self.json({"workers": workers})
+
+
+def _refresh_gauges() -> None:
+    """At scrape time: DLQ depth per stage and consumer lag per partition (cheap, not per event)."""
+    stats = local_stats()
+    for stage in STATS:
+        metrics.set_dlq_depth(stage, stats["dlq_depth"].get(stage, 0))
+    for tp, lag in partition_lags().items():
+        metrics.set_consumer_lag(tp.topic, tp.partition, lag)
+
+
+metrics.on_scrape(_refresh_gauges)
+
+
+@app.page("/metrics")
+class MetricsView(View):
+    """Prometheus metrics of this worker."""
+
+    async def get(self, request: Request) -> Response:
+        body, content_type = render_metrics()
+        return self.bytes(body, content_type=content_type.split(";")[0])
+
+
+@app.page("/sluice/live")
+class LiveView(View):
+    """Liveness: the worker's event loop answers."""
+
+    async def get(self, request: Request) -> Response:
+        return self.json({"live": True})
+
+
+async def _flush_spans(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+    shutdown_tracing()
+
+
+app.on_before_shutdown.connect(_flush_spans)

@@ -26,6 +26,7 @@ from api.idempotency import HEADER as IDEMPOTENCY_HEADER
 from api.idempotency import Claim
 from api.producer import SendFailure
 from api.reader import ExceptionReader, WorkerUnavailable
+from app.telemetry import annotate
 from app.topics import TopicNames
 from schemas.api import (
     BatchCreate,
@@ -119,6 +120,7 @@ async def create_exception(
         claim = Claim(ingest.new_exception_id(), replay=False)
     else:
         claim = await idempotency.claim(tenant, idempotency_key, body_hash, reader)
+    annotate(tenant_id=tenant, exception_id=claim.exception_id)  # find the trace by its ids
     if not claim.replay:
         event = ingest.build_event(
             tenant,
@@ -191,6 +193,7 @@ async def create_exceptions_batch(
             errors=[FieldError(loc=["body", "items"], field="items", msg=msg, type="too_long")],
         )
 
+    annotate(tenant_id=tenant)  # each record's send span carries its exception id
     results: list[BatchItemResult | None] = [None] * len(batch.items)
     queued: list[tuple[int, str]] = []
     records = []
@@ -299,6 +302,7 @@ async def read_exception_events(
 
 
 async def _read(reader: ExceptionReader, tenant: str, exception_id: str) -> ExceptionRecord:
+    annotate(tenant_id=tenant, exception_id=exception_id)
     try:
         record = await reader.get_exception(tenant, exception_id)
     except WorkerUnavailable as exc:

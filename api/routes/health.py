@@ -2,16 +2,18 @@
 
 ``/healthz`` answers 200 while the process serves HTTP at all. ``/readyz`` answers 200 only while the
 API's Kafka producer is connected and the broker answers, since without Kafka no report can be accepted;
-otherwise 503 with the reason. Neither needs an API key.
+otherwise 503 with the reason. ``/metrics`` serves the process's Prometheus metrics (text
+exposition format). None of them needs an API key.
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
 from api.deps import ProducerDep
 from api.errors import RETRY_AFTER_SECONDS
+from app.telemetry import render_metrics
 from schemas.api import Liveness, Readiness
 
 router = APIRouter(tags=["health"])
@@ -39,3 +41,14 @@ async def readyz(producer: ProducerDep) -> JSONResponse:
         status_code=503,
         headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
     )
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}},
+)
+async def prometheus_metrics() -> Response:
+    body, content_type = render_metrics()
+    return Response(content=body, media_type=content_type)

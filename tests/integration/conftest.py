@@ -44,13 +44,14 @@ async def stack_factory(
 ) -> AsyncIterator[StackFactory]:
     stacks: list[Stack] = []
 
-    async def make(workers: int = 1, api: bool = True) -> Stack:
+    async def make(workers: int = 1, api: bool = True, env: dict[str, str] | None = None) -> Stack:
         stack = Stack(
             bootstrap=kafka_bootstrap,
             app_id=names.app_id,
             topic_prefix=names.topic_prefix,
             root=tmp_path,
             tools_url=mock_server.url,
+            extra_env=env or {},
         )
         stacks.append(stack)
         await stack.prepare()

@@ -327,27 +327,34 @@ async def _wait_terminal(stack: Stack, ids: set[str], timeout: float) -> dict[st
     deadline = time.monotonic() + timeout
     states: dict[str, str] = {}
     while time.monotonic() < deadline:
-        states = {}
-        async with httpx.AsyncClient(base_url=stack.api_url, timeout=60) as client:
-            for status in ("resolved", "dead_lettered"):
-                cursor = None
-                while True:
-                    params = {"status": status, "limit": "200"}
-                    if cursor:
-                        params["cursor"] = cursor
-                    page = (
-                        await client.get("/v1/exceptions", params=params, headers=stack.headers())
-                    ).json()
-                    for item in page["items"]:
-                        states[item["exception_id"]] = item["status"]
-                    cursor = page.get("next_cursor")
-                    if not cursor:
-                        break
+        states = await _terminal_states(stack)
         if ids <= set(states):
             return {k: v for k, v in states.items() if k in ids}
         await asyncio.sleep(2)
     missing = len(ids - set(states))
     raise AssertionError(f"{missing} exceptions never finished\n{stack.logs()}")
+
+
+async def _terminal_states(stack: Stack) -> dict[str, str]:
+    """Resolved and dead-lettered exceptions by id; empty while a worker is not ready to answer."""
+    states: dict[str, str] = {}
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=60) as client:
+        for status in ("resolved", "dead_lettered"):
+            cursor = None
+            while True:
+                params = {"status": status, "limit": "200"}
+                if cursor:
+                    params["cursor"] = cursor
+                resp = await client.get("/v1/exceptions", params=params, headers=stack.headers())
+                if resp.status_code != 200:
+                    return {}
+                page = resp.json()
+                for item in page["items"]:
+                    states[item["exception_id"]] = item["status"]
+                cursor = page.get("next_cursor")
+                if not cursor:
+                    break
+    return states
 
 
 async def test_broker_outage_answers_503_and_loses_nothing(

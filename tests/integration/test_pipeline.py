@@ -224,8 +224,21 @@ async def test_two_workers_share_the_work_and_answer_any_read(
         assert state["exception_id"] == exception_id
     listed = (await get(stack, "/v1/exceptions", limit="200")).json()["items"]
     assert sorted(i["exception_id"] for i in listed) == sorted(ids)
+    # Paging across both workers: every exception exactly once, newest first.
+    paged: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        params = {"limit": "7", **({"cursor": cursor} if cursor else {})}
+        page = (await get(stack, "/v1/exceptions", **params)).json()
+        assert len(page["items"]) <= 7
+        paged.extend(page["items"])
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert [i["exception_id"] for i in paged] == [i["exception_id"] for i in listed]
+    assert len(paged) == len(ids) and len({i["exception_id"] for i in paged}) == len(ids)
     for i in range(2):
-        stats = httpx.get(f"{stack.worker_url(i)}/sluice/stats").json()
-        assert stats["tool"]["processed"] > 0, f"worker {i} executed no plan"
+        stats = httpx.get(f"{stack.worker_url(i)}/sluice/stats", params={"local": "1"}).json()
+        assert stats["stages"]["tool"]["processed"] > 0, f"worker {i} executed no plan"
     assert len(keys_of(mock_server)) == 3 * len(ids)
     assert set(keys_of(mock_server).values()) == {1}

@@ -38,6 +38,7 @@ class Stack:
     worker_ports: dict[int, int] = field(default_factory=dict)
     api: SluiceProcess | None = None
     api_port: int = 0
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def topics(self) -> TopicNames:
@@ -70,6 +71,7 @@ class Stack:
             "SLUICE_CONFIG_DIR": str(self.root / "config"),
             "SLUICE_TOOL_BACKOFF_BASE_SECONDS": "0.05",
             "SLUICE_TOOL_BACKOFF_MAX_SECONDS": "0.5",
+            **self.extra_env,
             **extra,
         }
 
