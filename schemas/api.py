@@ -24,16 +24,6 @@ ExceptionPublic = ExceptionState
 # One event of an exception's history, as served by GET /v1/exceptions/{id}/events.
 EventPublic = HistoryEntry
 
-# The values ExceptionState.status takes (schemas.state.fold).
-ExceptionStatus = Literal[
-    "received",
-    "in_progress",
-    "suppressed",
-    "awaiting_approval",
-    "resolved",
-    "failed",
-    "no_action",
-]
 
 _EXAMPLE_REPORT: JsonDict = {
     "source": "payments-gateway",

@@ -10,7 +10,7 @@ same event applied twice, or in another order, gives the same state.
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
@@ -31,6 +31,19 @@ from schemas.events import (
     Stage,
     StepResult,
 )
+
+# The values ExceptionState.status takes (see fold).
+ExceptionStatus = Literal[
+    "received",
+    "in_progress",
+    "suppressed",
+    "awaiting_approval",
+    "resolved",
+    "failed",
+    "no_action",
+    "dead_lettered",
+    "discarded",
+]
 
 
 class HistoryEntry(BaseModel):
@@ -55,12 +68,7 @@ class ExceptionState(BaseModel):
     exception_id: str
     tenant_id: str
     stage: Stage = Field(description="The last stage the exception has passed.")
-    status: str = Field(
-        description=(
-            "received | in_progress | suppressed | awaiting_approval | resolved | failed | "
-            "no_action | dead_lettered | discarded"
-        )
-    )
+    status: ExceptionStatus
     source: str | None = None
     error_type: str | None = None
     message: str | None = None

@@ -37,12 +37,11 @@ from schemas.api import (
     ExceptionCreated,
     ExceptionListPublic,
     ExceptionPublic,
-    ExceptionStatus,
     FieldError,
     Problem,
 )
 from schemas.events import Severity, Stage, utcnow
-from schemas.state import ExceptionRecord
+from schemas.state import ExceptionRecord, ExceptionStatus
 
 router = APIRouter(prefix="/v1/exceptions", tags=["exceptions"])
 

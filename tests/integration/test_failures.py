@@ -346,8 +346,9 @@ async def _terminal_states(stack: Stack) -> dict[str, str]:
                 if cursor:
                     params["cursor"] = cursor
                 resp = await client.get("/v1/exceptions", params=params, headers=stack.headers())
-                if resp.status_code != 200:
-                    return {}
+                if resp.status_code == 503:
+                    return {}  # a worker is still recovering after a restart
+                assert resp.status_code == 200, resp.text
                 page = resp.json()
                 for item in page["items"]:
                     states[item["exception_id"]] = item["status"]
