@@ -6,6 +6,7 @@ to run otherwise), so Sluice creates them explicitly instead of relying on broke
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -32,3 +33,21 @@ async def ensure_topics(settings: Settings, names: list[str] | None = None) -> l
         return missing
     finally:
         await client.close()
+
+
+async def broker_problem(settings: Settings, within: float = 2.0) -> str | None:
+    """None when the cluster answers a metadata request within ``within`` seconds, else why not."""
+    client = AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        request_timeout_ms=int(within * 1000),
+    )
+    try:
+        async with asyncio.timeout(within):
+            await client.start()
+            await client.describe_cluster()
+    except Exception as exc:  # any failure means "not reachable now"; the caller reports it
+        return f"Kafka at {settings.kafka_bootstrap_servers} did not answer: {exc or type(exc).__name__}"
+    finally:
+        with contextlib.suppress(Exception):
+            await client.close()
+    return None

@@ -18,6 +18,7 @@ import httpx
 import orjson
 from faust.web import Request, Response, View
 
+from app.admin import broker_problem
 from app.faust_app import app, settings, topics
 from app.pipeline import STATS, exceptions_table, quarantine_table
 from app.telemetry import metrics, render_metrics, shutdown_tracing
@@ -118,12 +119,13 @@ class ExceptionListView(View):
 
 @app.page("/sluice/ready")
 class ReadyView(View):
-    """Ready when partitions are assigned and the tables have been recovered from changelogs."""
+    """Ready when the broker answers, partitions are assigned and tables are recovered."""
 
     async def get(self, request: Request) -> Response:
-        ready = is_ready()
+        problem = await broker_problem(settings)
+        ready = is_ready() and problem is None
         assigned = app.consumer.assignment() if app.consumer else set()
-        body = {"ready": ready, "assigned_partitions": len(assigned)}
+        body = {"ready": ready, "assigned_partitions": len(assigned), "broker": problem or "ok"}
         return self.json(body, status=200 if ready else 503)
 
 

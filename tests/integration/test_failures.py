@@ -383,6 +383,10 @@ async def test_broker_outage_answers_503_and_loses_nothing(
             down = await client.post("/v1/exceptions", json=PAYMENT, headers=stack.headers())
             assert down.status_code == 503, down.text
             assert "retry-after" in down.headers
+            assert (await client.get("/readyz")).status_code == 503
+            worker_ready = await client.get(f"{stack.worker_url(0)}/sluice/ready")
+            assert worker_ready.status_code == 503, worker_ready.text
+            assert (await client.get("/healthz")).status_code == 200  # alive, just not ready
 
         broker.start()
         after = []
@@ -395,6 +399,12 @@ async def test_broker_outage_answers_503_and_loses_nothing(
                 assert resp.status_code == 503
                 await asyncio.sleep(1)
         assert len(after) == 5
+        async with httpx.AsyncClient(base_url=stack.api_url, timeout=60) as client:
+            assert (await client.get("/readyz")).status_code == 200
+            deadline = time.monotonic() + 60
+            while (await client.get(f"{stack.worker_url(0)}/sluice/ready")).status_code != 200:
+                assert time.monotonic() < deadline, "the worker never became ready again"
+                await asyncio.sleep(0.5)
         for resp in [*before, *after]:
             await stack.wait_for_state(resp.json()["exception_id"], {"resolved"}, timeout=180)
     finally:

@@ -55,10 +55,8 @@ async def test_one_post_is_one_trace_through_every_stage_and_tool(
     exception_id = (await post(stack, PAYMENT)).json()["exception_id"]
     await stack.wait_for_state(exception_id, {"resolved"})
 
-    def complete() -> bool:
-        spans = [
-            s for s in collector.spans() if s.attributes.get("sluice.exception_id") == exception_id
-        ]
+    def complete(arrived: list[CollectedSpan]) -> bool:
+        spans = [s for s in arrived if s.attributes.get("sluice.exception_id") == exception_id]
         names = {s.name for s in spans}
         return all(f"process {prefix}.{t}" in names for t in STAGE_TOPICS)
 
@@ -111,10 +109,10 @@ async def test_dead_letter_and_redrive_show_in_the_exceptions_trace(
     assert resp.status_code == 202
     await stack.wait_for_state(exception_id, {"resolved"})
 
-    def redriven() -> bool:
+    def redriven(arrived: list[CollectedSpan]) -> bool:
         return any(
             e.name == "sluice.redrive"
-            for s in collector.spans()
+            for s in arrived
             if s.attributes.get("sluice.exception_id") == exception_id
             for e in s.events
         )
@@ -146,7 +144,8 @@ async def test_metrics_move_on_api_and_worker(stack_factory: StackFactory) -> No
         for _ in range(100):
             worker = (await client.get(f"{stack.worker_url(0)}/metrics")).text
             done = samples(worker, "sluice_events_processed_total")
-            if done.get((("stage", "tool"),), 0) >= 3:
+            folded = samples(worker, "sluice_end_to_end_seconds_count").get((), 0)
+            if done.get((("stage", "tool"),), 0) >= 3 and folded >= 3:
                 break
             await asyncio.sleep(0.3)
         api = (await client.get(f"{stack.api_url}/metrics")).text
