@@ -75,9 +75,15 @@ def worker(
     from faust import Worker
 
     from app.admin import ensure_topics
-    from app.faust_app import app, settings
     from app.telemetry import instrument_httpx, logging_config, metrics, setup_tracing
     from app.topics import STAGES
+    from schemas.config import ConfigError
+
+    try:
+        from app.faust_app import app, settings
+    except ConfigError as exc:
+        typer.echo(f"Cannot start the worker: {exc}", err=True)
+        raise typer.Exit(2) from exc
 
     # Topics must exist before the consumer subscribes: a topic created later is only noticed at
     # the next metadata refresh (minutes), so events would sit unprocessed until then.
@@ -85,10 +91,24 @@ def worker(
     setup_tracing("sluice-worker")
     instrument_httpx()  # tool and LLM calls become client spans inside the stage's process span
     metrics.declare_stages(list(STAGES))
-    Worker(
+
+    class SluiceWorker(Worker):
+        """Drains the events in flight before Faust's own stop (see app.pipeline.drain)."""
+
+        async def _stop_on_signal(self, signal: Any) -> None:
+            from app.pipeline import drain_in_flight
+
+            if not await drain_in_flight(settings.worker_drain_seconds):
+                self.log.warning("events still in flight after the drain; they will be redone")
+            await super()._stop_on_signal(signal)
+
+    SluiceWorker(
         app,
         loglevel=loglevel.lower(),
         quiet=True,
+        # Keep sys.stderr the real stderr: our log handler writes there, and mode's redirect would
+        # feed it back into logging, where the records were dropped.
+        redirect_stdouts=False,
         logging_config=logging_config(loglevel, settings.log_format == "json"),
     ).execute_from_commandline()
 

@@ -29,8 +29,10 @@ def create_app(settings: Settings) -> faust.App:
         table_standby_replicas=0,
         autodiscover=False,
         web_enabled=True,
-        # Every stage is idempotent, so an event still buffered at shutdown or rebalance can simply be
-        # redelivered; waiting for buffered events instead stalled shutdown until SIGKILL.
+        # Faust's own wait for "all started events" hangs when an event read by two agents was
+        # cleared from one agent's buffer (it stays unacked forever). Sluice drains instead: on a
+        # stop signal no agent starts a new event and the ones in flight finish (app.pipeline.drain);
+        # everything unacked is redelivered and absorbed by the idempotency tables.
         stream_wait_empty=False,
         broker_session_timeout=settings.worker_session_timeout_seconds,
         broker_heartbeat_interval=min(3.0, settings.worker_session_timeout_seconds / 3),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import random
 import time
@@ -346,12 +347,20 @@ class StageRunner:
         # let it commit past the cleared (never processed) events of a partition whose committed
         # offset it has not recorded yet; unacked, the event is simply delivered again.
         async for record in cast(Any, stream).noack().events():
+            if drain.draining:
+                await drain.stopped.wait()  # shutting down: leave it unacked for redelivery
             generation = rebalances.count
-            item = Item.of(record)
-            with item.span(self.name) as span:
-                await self.handle(item, span=span)
-            if rebalances.count == generation:
-                record.ack()
+            drain.in_flight += 1
+            try:
+                item = Item.of(record)
+                with item.span(self.name) as span:
+                    await self.handle(item, span=span)
+                if rebalances.count == generation:
+                    record.ack()
+            finally:
+                drain.in_flight -= 1
+                if drain.in_flight == 0:
+                    drain.idle.set()
 
     # -- the per-item path ----------------------------------------------------------------------
 
@@ -614,6 +623,30 @@ def _holds(quarantine: dict[str, Any], item: Item) -> bool:
     where = (item.topic, item.partition, item.offset)
     held = [quarantine["head"], *quarantine["parked"]]
     return any((h["topic"], h["partition"], h["offset"]) == where for h in held)
+
+
+class _Drain:
+    """Graceful stop: no agent starts another event, the events in flight finish (a tool call cut
+    off mid-flight would be in doubt), then Faust stops. See :func:`drain_in_flight`."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.in_flight = 0
+        self.idle = asyncio.Event()
+        self.stopped = asyncio.Event()
+
+
+drain = _Drain()
+
+
+async def drain_in_flight(within: float) -> bool:
+    """Stop taking events and wait up to ``within`` seconds for those in flight; True if all ended."""
+    drain.draining = True
+    if drain.in_flight:
+        drain.idle.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(drain.idle.wait(), within)
+    return drain.in_flight == 0
 
 
 class _Rebalances:

@@ -78,6 +78,12 @@ class Settings(BaseSettings):
         description="A worker that stops heartbeating is dropped from the group after this, and its "
         "partitions move on: the bound on how long a crashed worker's partitions stall.",
     )
+    worker_drain_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        le=600,
+        description="On SIGTERM/SIGINT, how long a worker waits for the events in flight to finish.",
+    )
     tool_max_attempts: int = Field(default=3, ge=1, le=20)
     tool_backoff_base_seconds: float = Field(default=0.2, ge=0)
     tool_backoff_max_seconds: float = Field(default=10.0, ge=0)

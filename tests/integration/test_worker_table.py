@@ -6,6 +6,8 @@ import asyncio
 import time
 
 import httpx
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from tests.integration.conftest import StackFactory
 from tests.integration.test_pipeline import ingested
@@ -42,3 +44,34 @@ async def test_table_state_survives_worker_restart(stack_factory: StackFactory) 
     # ... and builds on it: a second report of the same exception adds its chain.
     await stack.produce_events(stack.topics.ingested, [ingested("exc-42", 1)])
     assert await _event_count(url, 12) == 12
+
+
+async def test_idempotency_and_ledger_changelogs_expire(stack_factory: StackFactory) -> None:
+    """Bounded growth: expiring tables' changelogs delete by time, so recovery cannot restore
+    expired keys; the exception state is kept (compaction only)."""
+    stack = await stack_factory(api=False, env={"SLUICE_PROCESSED_TTL_SECONDS": "3600"})
+    admin = AIOKafkaAdminClient(bootstrap_servers=stack.bootstrap)
+    await admin.start()
+    try:
+        names = [
+            "processed-intake",
+            "processed-tool",
+            "tool-ledger",
+            "fingerprint-groups",
+            "exceptions",
+        ]
+        topics = [f"{stack.app_id}-{n}-changelog" for n in names]
+        described = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, t) for t in topics]
+        )
+    finally:
+        await admin.close()
+    configs = {}
+    for response in described:
+        for resource in response.resources:
+            _code, _msg, _type, name, entries = resource[:5]
+            configs[name] = {e[0]: e[1] for e in entries}
+    for name in topics[:-1]:
+        assert configs[name]["cleanup.policy"] == "compact,delete", name
+        assert configs[name]["retention.ms"] == str(3600 * 1000), name
+    assert configs[topics[-1]]["cleanup.policy"] == "compact"
