@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
@@ -31,6 +32,35 @@ async def ensure_topics(settings: Settings, names: list[str] | None = None) -> l
                     [NewTopic(n, settings.partitions, settings.replication_factor) for n in missing]
                 )
         return missing
+    finally:
+        await client.close()
+
+
+async def ensure_changelogs(settings: Settings, app: Any) -> list[str]:
+    """Create the Faust app's table changelog topics the way Faust would (compacted, the tables'
+    extra configs, the stage topics' partition count), before the worker's consumer starts."""
+    client = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await client.start()
+    try:
+        existing = set(await client.list_topics())
+        wanted = []
+        for table in app.tables.values():
+            name = table.changelog_topic.get_topic_name()
+            if name in existing:
+                continue
+            configs = {"cleanup.policy": "compact", **dict(table.extra_topic_configs or {})}
+            wanted.append(
+                NewTopic(
+                    name,
+                    settings.partitions,
+                    settings.replication_factor,
+                    topic_configs={k: str(v) for k, v in configs.items()},
+                )
+            )
+        if wanted:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await client.create_topics(wanted)
+        return [t.name for t in wanted]
     finally:
         await client.close()
 

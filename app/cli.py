@@ -23,6 +23,15 @@ kafka_cli = typer.Typer(
 )
 cli.add_typer(kafka_cli, name="kafka")
 
+
+def _add_bench() -> None:
+    from app.bench import bench_cli
+
+    cli.add_typer(bench_cli, name="bench", help="Throughput, latency and memory on a real broker.")
+
+
+_add_bench()
+
 StateDir = Annotated[
     Path, typer.Option(envvar="SLUICE_STATE_DIR", help="Folder for broker data and logs.")
 ]
@@ -74,7 +83,7 @@ def worker(
     """Run a Faust worker with every stage agent (one of N in the consumer group)."""
     from faust import Worker
 
-    from app.admin import ensure_topics
+    from app.admin import ensure_changelogs, ensure_topics
     from app.telemetry import instrument_httpx, logging_config, metrics, setup_tracing
     from app.topics import STAGES
     from schemas.config import ConfigError
@@ -86,8 +95,10 @@ def worker(
         raise typer.Exit(2) from exc
 
     # Topics must exist before the consumer subscribes: a topic created later is only noticed at
-    # the next metadata refresh (minutes), so events would sit unprocessed until then.
+    # the next metadata refresh (minutes). That holds for the tables' changelogs too: a missing
+    # one made every write to its table fail until the refresh.
     asyncio.run(ensure_topics(settings))
+    asyncio.run(ensure_changelogs(settings, app))
     setup_tracing("sluice-worker")
     instrument_httpx()  # tool and LLM calls become client spans inside the stage's process span
     metrics.declare_stages(list(STAGES))
@@ -102,7 +113,7 @@ def worker(
                 self.log.warning("events still in flight after the drain; they will be redone")
             await super()._stop_on_signal(signal)
 
-    SluiceWorker(
+    worker = SluiceWorker(
         app,
         loglevel=loglevel.lower(),
         quiet=True,
@@ -110,7 +121,12 @@ def worker(
         # feed it back into logging, where the records were dropped.
         redirect_stdouts=False,
         logging_config=logging_config(loglevel, settings.log_format == "json"),
-    ).execute_from_commandline()
+    )
+    # Faust's terminal spinner sets the root logger to DEBUG (whatever the level asked for), so
+    # every debug call in aiokafka and Faust built a log record: 8-13 % of the worker's CPU and
+    # seconds of p99 latency (docs/performance.md).
+    worker.spinner = None
+    worker.execute_from_commandline()
 
 
 @cli.command("api")
