@@ -142,9 +142,11 @@ async def execute(
             )
             failed = True
             continue
-        ledger.begin(key, now())
-        await durable()
-        result = await _run_step(event, step, key, tools.get(step.tool), now, policy, sleep, rng)
+        tool = tools.get(step.tool)
+        if getattr(tool, "side_effects", True):
+            ledger.begin(key, now())
+            await durable()
+        result = await _run_step(event, step, key, tool, now, policy, sleep, rng)
         if result.status == "succeeded":
             ledger.put(key, result, now())
         else:

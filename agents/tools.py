@@ -246,6 +246,9 @@ class NotifyTool(_HttpTool):
 class NoopTool:
     """Does nothing and succeeds: for dry runs and playbooks that only record a decision."""
 
+    # Nothing outside Sluice changes, so the tool stage needs no durable intent before calling it.
+    side_effects = False
+
     def __init__(self, name: str = "noop") -> None:
         self.name = name
 

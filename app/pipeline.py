@@ -48,7 +48,7 @@ from agents.tool import RetryPolicy, backoff_delay, execute
 from agents.tools import Tool, ToolError, build_tools
 from agents.triage import triage
 from app.faust_app import app, settings, topics
-from app.stores import MappingLedger, MappingProcessedStore
+from app.stores import MappingLedger, MappingProcessedStore, ProcessedStore
 from app.telemetry import (
     SpanHandle,
     dead_letter_event,
@@ -334,7 +334,7 @@ class StageRunner:
 
     name: str
     handler: Handler
-    processed: MappingProcessedStore
+    processed: ProcessedStore
     dlq: faust.TopicT
     stats: StageStats = field(default_factory=StageStats)
 
@@ -715,10 +715,27 @@ async def durable() -> None:
         await write
 
 
-def _runner(name: str, handler: Handler) -> StageRunner:
-    processed = _expiring_table(f"processed-{name}")
-    dlq = _topic(topics.dlq(name))
-    return StageRunner(name, handler, MappingProcessedStore(processed), dlq)
+class _Unrecorded:
+    """For the projection: its fold already ignores an event id it holds, so recording processed
+    ids as well would only add a changelog write per history event."""
+
+    def seen(self, event_id: str) -> bool:
+        return False
+
+    def mark(self, event_id: str, at: datetime) -> None:
+        return None
+
+    def expire(self, before: datetime) -> int:
+        return 0
+
+
+def _runner(name: str, handler: Handler, record_processed: bool = True) -> StageRunner:
+    processed: Any = (
+        MappingProcessedStore(_expiring_table(f"processed-{name}"))
+        if record_processed
+        else _Unrecorded()
+    )
+    return StageRunner(name, handler, processed, _topic(topics.dlq(name)))
 
 
 # -------------------------------------------------------------------------------------- handlers
@@ -881,7 +898,7 @@ triage_runner = _runner("triage", handle_triage)
 policy_runner = _runner("policy", handle_policy)
 playbook_runner = _runner("playbook", handle_playbook)
 tool_runner = _runner("tool", handle_tool)
-projection_runner = _runner("projection", handle_projection)
+projection_runner = _runner("projection", handle_projection, record_processed=False)
 
 
 @app.agent(ingested_topic, concurrency=1)

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from agents.tool import RetryPolicy, backoff_delay, execute, idempotency_key
-from agents.tools import Tool, build_tools
+from agents.tools import NoopTool, Tool, build_tools
 from app.stores import MappingLedger
 from schemas.config import TenantConfig
 from schemas.events import (
@@ -486,3 +486,21 @@ async def test_a_known_failure_clears_the_intent_so_a_redrive_calls_again(
     out = await run(event, tools, ledger, clock, sleep)
     assert out.payload.results[0].detail["error_class"] == "permanent"
     assert not ledger.in_flight(idempotency_key(event, TICKET))
+
+
+async def test_a_noop_step_needs_no_durable_intent(
+    ledger: MappingLedger, clock: Clock, sleep: FakeSleep
+) -> None:
+    step = PlannedStep(step_id="record", tool="noop", action="record")
+    event = planned(step)
+    waits: list[bool] = []
+
+    async def durable() -> None:
+        waits.append(True)
+
+    out = await execute(
+        event, {"noop": NoopTool()}, ledger, clock, POLICY, sleep=sleep, durable=durable
+    )
+    assert out.payload.outcome == "resolved"
+    assert waits == []  # no side effect outside Sluice, nothing to make durable first
+    assert ledger.get(idempotency_key(event, step)) == out.payload.results[0]
