@@ -7,7 +7,7 @@ UV := $(PYTHON) -m uv
 export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := $(PYTHON)
 
-.PHONY: run test install kafka-jars lint format typecheck unit integration clean
+.PHONY: run test bench install kafka-jars lint format typecheck unit integration clean
 
 install: .venv/.installed
 
@@ -26,6 +26,10 @@ run: install kafka-jars
 ## Everything CI checks: lint, types, unit and integration tests against the real broker.
 test: install kafka-jars lint typecheck
 	$(UV) run --frozen pytest
+
+## Benchmark on a local real broker (see docs/performance.md); results go to results/ (git-ignored).
+bench: install kafka-jars
+	$(UV) run --frozen sluice bench
 
 lint: install
 	$(UV) run --frozen ruff check .

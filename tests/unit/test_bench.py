@@ -1,0 +1,349 @@
+"""The benchmark harness's pure parts: percentiles, /proc parsing, profile attribution, targets, the
+result document and the table. No broker, no processes."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app import bench
+from schemas.codec import decode
+from schemas.events import ExceptionIngested
+
+# ------------------------------------------------------------------------------------ percentiles
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]  # 1..100
+    assert bench.percentile(values, 50) == 50
+    assert bench.percentile(values, 95) == 95
+    assert bench.percentile(values, 99) == 99
+    assert bench.percentile(values, 100) == 100
+    assert bench.percentile(values, 0) == 1
+    assert bench.percentile([3.0, 1.0, 2.0], 50) == 2  # order of input does not matter
+    assert bench.percentile([7.0], 99) == 7
+
+
+def test_percentile_rejects_nonsense() -> None:
+    with pytest.raises(ValueError, match="no values"):
+        bench.percentile([], 50)
+    with pytest.raises(ValueError, match=r"0\.\.100"):
+        bench.percentile([1.0], 101)
+
+
+def test_latency_summary_in_milliseconds() -> None:
+    summary = bench.latency_summary([0.010] * 98 + [0.050, 0.200])
+    assert summary == {
+        "count": 100,
+        "p50_ms": 10.0,
+        "p95_ms": 10.0,
+        "p99_ms": 50.0,
+        "max_ms": 200.0,
+        "mean_ms": 12.3,
+    }
+    assert bench.latency_summary([]) == {"count": 0}
+
+
+def test_hop_breakdown_splits_time_per_stage() -> None:
+    stages = ("a", "b")
+    stamps = [{"x": 10.0, "y": 20.0}, {"x": 10.1, "y": 20.3}, {"x": 10.4, "y": 20.4}]
+    out = bench.hop_breakdown(stamps, {"x": 10.5, "y": 20.45}, stages=stages)
+    assert out["a"]["count"] == 2
+    assert out["a"]["max_ms"] == pytest.approx(300.0)
+    assert out["b"]["max_ms"] == pytest.approx(300.0)
+    assert out["completed -> consumer"]["max_ms"] == pytest.approx(100.0)
+    # An exception missing from one topic is left out of every stage.
+    stamps[1].pop("y")
+    assert bench.hop_breakdown(stamps, None, stages=stages)["a"]["count"] == 1
+    with pytest.raises(ValueError, match="topics"):
+        bench.hop_breakdown(stamps[:2], None, stages=stages)
+
+
+def test_stage_finish_is_relative_to_the_first_produce() -> None:
+    stamps = [{"x": 100.5}, {"x": 101.0, "y": 103.25}, {}]
+    assert bench.stage_finish(stamps, 100.0, stages=("a", "b")) == {
+        "input": 0.5,
+        "a": 3.25,
+        "b": None,
+    }
+
+
+# ------------------------------------------------------------------------------------------ /proc
+
+STAT = (
+    "4242 (python -m app.cli (worker)) S 1 4242 4242 0 -1 4194560 91234 0 12 0 "
+    "1234 567 8 9 20 0 3 0 123456 987654321 45678 18446744073709551615 1 1 0 0 0 0 0 "
+    "16781312 134235650 0 0 0 17 1 0 0 0 0 0"
+)
+
+STATUS = """Name:\tpython
+Umask:\t0022
+State:\tS (sleeping)
+VmPeak:\t 1234568 kB
+VmHWM:\t  210000 kB
+VmRSS:\t  183456 kB
+Threads:\t3
+"""
+
+
+def test_proc_stat_counts_fields_after_the_command_even_with_parentheses() -> None:
+    assert bench.parse_proc_stat(STAT, clk_tck=100) == (12.34, 5.67)
+
+
+def test_machine_busy_time_leaves_idle_and_iowait_out() -> None:
+    text = "cpu  100 20 30 5000 70 1 2 3 0 0\ncpu0 50 10 15 2500 35 0 1 1 0 0\n"
+    assert bench.parse_proc_stat_total(text, clk_tck=100) == pytest.approx(1.56)
+    with pytest.raises(ValueError):
+        bench.parse_proc_stat_total("intr 1 2 3\n")
+
+
+def test_cpu_meter_reports_others_on_a_shared_machine() -> None:
+    meter = bench.CpuMeter({"worker": 1})
+    meter.wall = 2.0
+    meter.before = {"worker": 10.0, "client": 1.0, "machine": 100.0}
+    meter.after = {"worker": 11.5, "client": 1.5, "machine": 103.0}
+    report = meter.report()
+    assert report["worker_cpu_pct"] == 75.0
+    assert report["machine_cpu_pct"] == 150.0
+    assert report["others_cpu_s"] == 1.0
+    assert report["others_cpu_pct"] == 50.0
+
+
+def test_proc_status_fields_in_bytes() -> None:
+    assert bench.parse_proc_status(STATUS) == 183456 * 1024
+    assert bench.parse_proc_status(STATUS, "VmHWM") == 210000 * 1024
+    assert bench.parse_proc_status(STATUS, "VmSwap") is None
+
+
+def test_own_process_is_readable() -> None:
+    import os
+
+    cpu = bench.cpu_seconds(os.getpid())
+    assert cpu is not None and cpu > 0
+    assert (bench.memory_of(os.getpid())["rss_bytes"] or 0) > 1_000_000
+    assert bench.cpu_seconds(2**22 + 12345) is None  # no such pid
+
+
+def test_host_info_from_proc_texts() -> None:
+    info = bench.host_info(
+        cpuinfo="processor\t: 0\nmodel name\t: AMD EPYC 7B13\n",
+        meminfo="MemTotal:       24684000 kB\nMemFree: 1 kB\n",
+        nproc=2,
+    )
+    assert info["nproc"] == 2
+    assert info["cpu_model"] == "AMD EPYC 7B13"
+    assert info["mem_total_bytes"] == 24684000 * 1024
+
+
+def test_disk_usage_counts_allocated_blocks(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "f").write_bytes(b"x" * 10_000)
+    assert bench.disk_usage(tmp_path) >= 10_000
+    assert bench.disk_usage(tmp_path / "missing") == 0
+
+
+# ----------------------------------------------------------------------------------------- options
+
+
+def test_checkpoints_accept_suffixes() -> None:
+    assert bench.parse_checkpoints("1M,100k, 250k,500k") == [100_000, 250_000, 500_000, 1_000_000]
+    assert bench.parse_checkpoints("10000,50_000,10000") == [10_000, 50_000]
+    with pytest.raises(ValueError):
+        bench.parse_checkpoints("")
+    with pytest.raises(ValueError):
+        bench.parse_checkpoints("0")
+
+
+# ---------------------------------------------------------------------------------------- events
+
+
+def test_generated_events_are_valid_ingested_events() -> None:
+    maker = bench.EventMaker("run1", fingerprints=4)
+    key, value = maker.make("thr", 7)
+    assert key == b"run1-thr-000000007"
+    event = decode(value)
+    assert isinstance(event, ExceptionIngested)
+    assert event.exception_id == key.decode()
+    assert event.tenant_id == bench.TENANT
+    assert event.payload.report.error_type == "BenchError003"
+    other = decode(maker.make("thr", 8)[1])
+    assert other.event_id != event.event_id
+    assert bench.phase_of(key) == b"run1-thr"
+
+
+# --------------------------------------------------------------------------------------- profile
+
+PROFILE = "\n".join(
+    [
+        "_run_module_as_main (<frozen runpy>:198);Handle._run (asyncio/events.py:80);"
+        "Agent._execute_actor (faust/agents/agent.py:698);take_in_exceptions (app/pipeline.py:713);"
+        "StageRunner.run (app/pipeline.py:288);decode (schemas/codec.py:40) 30",
+        "_run_module_as_main (<frozen runpy>:198);Handle._run (asyncio/events.py:80);"
+        "Agent._execute_actor (faust/agents/agent.py:698);execute_tools (app/pipeline.py:738);"
+        "StageRunner.handle (app/pipeline.py:320);encode (schemas/codec.py:36) 20",
+        "Thread._bootstrap (threading.py:1002);WorkerThread.run (mode/threads.py:62);"
+        "Handle._run (asyncio/events.py:80);"
+        "Fetcher._fetch_requests_routine (aiokafka/consumer/fetcher.py:541);"
+        "Logger.debug (logging/__init__.py:1477) 25",
+        "Thread._bootstrap (threading.py:1002);WorkerThread.run (mode/threads.py:62);"
+        "Handle._run (asyncio/events.py:80);Fetcher._proc_fetch_request "
+        "(aiokafka/consumer/fetcher.py:747) 25",
+        "_run_module_as_main (<frozen runpy>:198);BaseEventLoop._run_once "
+        "(asyncio/base_events.py:1884);EpollSelector.select (selectors.py:468) 400",
+        "not a stack line",
+    ]
+)
+
+
+def test_profile_attribution_by_stage_thread_and_activity() -> None:
+    out = bench.attribute_profile(PROFILE)
+    assert out["samples"] == 100
+    assert out["idle_samples"] == 400
+    stages = {i["name"]: i["pct"] for i in out["by_stage"]}
+    assert stages == {"intake": 30.0, "tool": 20.0, "(outside the agents)": 50.0}
+    threads = {i["name"]: i["samples"] for i in out["by_thread"]}
+    assert threads == {"main thread": 50, "consumer thread": 50}
+    activities = {i["name"]: i["samples"] for i in out["by_activity"]}
+    assert activities["decode (orjson+pydantic)"] == 30
+    assert activities["encode (pydantic dump+orjson)"] == 20
+    assert activities["logging"] == 25
+    assert activities["aiokafka fetch/parse"] == 25
+    assert out["top_self"][0]["name"] == "decode (schemas/codec.py:40)"
+    inclusive = {i["name"]: i["samples"] for i in out["top_inclusive"]}
+    assert inclusive["Handle._run (asyncio/events.py:80)"] == 100
+
+
+def test_frame_parts() -> None:
+    frame = "StageRunner.run (app/pipeline.py:288)"
+    assert bench.frame_function(frame) == "StageRunner.run"
+    assert bench.frame_file(frame) == "app/pipeline.py"
+
+
+# ------------------------------------------------------------------------------- result and table
+
+
+def _phases(rss_growth: float = 0.05) -> dict[str, Any]:
+    return {
+        "raw": {"records_per_s": 2000.0, "mode": "tasks", "hops": 6, "relay_cpu_pct": 80.0},
+        "pipeline": {
+            "exceptions_per_s": 1200.0,
+            "events": 5000,
+            "completed": 5000,
+            "tools": "noop",
+            "worker_cpu_pct": 99.0,
+        },
+        "latency": {
+            "target_rate": 600.0,
+            "achieved_rate": 599.8,
+            "latency": bench.latency_summary([0.02, 0.03, 0.09]),
+            "per_stage": {"intake": bench.latency_summary([0.002])},
+            "worker_rss_bytes": 200 * 1024 * 1024,
+        },
+        "profile": {
+            "latency": {
+                "cpu_by_stage": [{"name": "intake", "pct": 40.0, "samples": 4, "cpu_s": 1.2}],
+                "by_activity": [{"name": "logging", "pct": 10.0, "samples": 1}],
+            }
+        },
+        "memory": {
+            "checkpoints": [
+                {"exceptions": 10_000, "rss_bytes": 100_000_000, "data_dir_bytes": 5_000_000},
+                {
+                    "exceptions": 50_000,
+                    "rss_bytes": int(100_000_000 * (1 + rss_growth)),
+                    "data_dir_bytes": 20_000_000,
+                },
+            ]
+        },
+        "api": {
+            "single": {"exceptions_per_s": 900.0, "accepted": 10, "exceptions": 10},
+            "batch": {"exceptions_per_s": 6000.0, "accepted": 10, "exceptions": 10},
+        },
+    }
+
+
+def _result(rss_growth: float = 0.05) -> dict[str, Any]:
+    return bench.build_result(
+        started_at=datetime(2026, 1, 1, tzinfo=UTC),
+        finished_at=datetime(2026, 1, 1, 0, 5, tzinfo=UTC),
+        command=["sluice", "bench", "--events", "10"],
+        host={"nproc": 2, "cpu_model": "x", "mem_total_bytes": 1},
+        config={"events": 10},
+        phases=_phases(rss_growth),
+        notes=["a note"],
+    )
+
+
+def test_result_document_shape_is_stable_and_json() -> None:
+    result = _result()
+    assert list(result) == list(bench.RESULT_KEYS)
+    assert result["schema"] == bench.SCHEMA
+    assert result["started_at"] == "2026-01-01T00:00:00+00:00"
+    assert result["notes"] == ["a note"]
+    assert json.loads(json.dumps(result)) == result
+    empty = bench.build_result(
+        started_at=datetime(2026, 1, 1, tzinfo=UTC),
+        command=[],
+        host={},
+        config={},
+        phases={},
+    )
+    assert empty["raw"] is None and empty["api"] is None
+    assert {t["status"] for t in empty["targets"]} == {"not run"}
+
+
+def test_targets_pass_and_miss() -> None:
+    targets = {t["name"]: t for t in _result()["targets"]}
+    ratio = targets["pipeline >= 50% of raw relay (stretch 70%)"]
+    assert (ratio["measured"], ratio["status"], ratio["stretch"]) == ("60.0%", "pass", "miss")
+    assert targets["p99 < 100 ms at half max rate"]["status"] == "pass"
+    rss = targets["RSS flat within 10% from 100k to 1M exceptions"]
+    assert rss["status"] == "pass"
+    assert rss["range_covered"] == [10_000, 50_000]
+    assert targets["ingest >= 5,000/s per API process (batch)"]["status"] == "pass"
+    grown = {t["name"]: t for t in _result(rss_growth=0.25)["targets"]}
+    assert grown["RSS flat within 10% from 100k to 1M exceptions"]["status"] == "miss"
+
+
+def test_table_is_aligned() -> None:
+    text = bench.format_table(
+        ["name", "value"], [("a", 1.5), ("longer name", 12345.0), ("c", None)]
+    )
+    lines = text.splitlines()
+    assert lines[0].startswith("name") and lines[1].startswith("----")
+    assert len({len(line) for line in lines[:3]}) == 1  # header, rule and widest row line up
+    assert lines[2].endswith(" 1.50")
+    assert lines[3].endswith("12,345.0")
+    assert lines[4].endswith("-")
+
+
+def test_summary_table_names_every_phase_and_target() -> None:
+    text = bench.summary_table(_result())
+    for needle in (
+        "a raw relay",
+        "b pipeline",
+        "% of raw relay",
+        "c latency",
+        "stage intake p50 ms",
+        "profile latency",
+        "f memory",
+        "d api batch",
+        "ingest >= 5,000/s per API process (batch)",
+    ):
+        assert needle in text, needle
+
+
+def test_bench_config_has_one_tenant_and_key(tmp_path: Path) -> None:
+    from schemas.config import load_api_keys, load_tenants
+
+    bench.write_config(tmp_path, None)
+    tenants = load_tenants(tmp_path)
+    assert list(tenants) == [bench.TENANT]
+    assert tenants[bench.TENANT].tools["sink"].kind == "noop"
+    assert load_api_keys(tmp_path).tenant_for(bench.API_KEY) == bench.TENANT
+    bench.write_config(tmp_path, "http://127.0.0.1:9")
+    assert load_tenants(tmp_path)[bench.TENANT].tools["sink"].url == "http://127.0.0.1:9/hook"
