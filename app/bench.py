@@ -1744,6 +1744,9 @@ async def run_api(ctx: BenchContext, opts: Options) -> dict[str, Any]:
             "apib",
             opts.timeout,
         )
+        out["api_alive_after"] = api.alive()
+        if not api.alive() or any(out[k]["transport_errors"] for k in ("single", "batch")):
+            out["api_log_tail"] = api.log_tail(30)
         return out
     finally:
         ctx.procs.stop(api)
@@ -1767,6 +1770,7 @@ async def _load(
         echo(f"api {label}: {requests:,} requests, concurrency {conc}")
     counter = itertools.count()
     statuses: Counter[int] = Counter()
+    errors: Counter[str] = Counter()
     accepted = 0
     latencies: list[float] = []
     headers = {"X-API-Key": API_KEY, "Content-Type": "application/json"}
@@ -1790,7 +1794,11 @@ async def _load(
         nonlocal accepted
         while (i := next(counter)) < requests:
             t = time.perf_counter()
-            resp = await client.post(path, content=body(i), headers=headers)
+            try:
+                resp = await client.post(path, content=body(i), headers=headers)
+            except httpx.HTTPError as exc:  # counted, not fatal: the figure says how many failed
+                errors[type(exc).__name__] += 1
+                continue
             latencies.append(time.perf_counter() - t)
             statuses[resp.status_code] += 1
             if per_request == 1:
@@ -1810,6 +1818,7 @@ async def _load(
         "exceptions": requests * per_request,
         "accepted": accepted,
         "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "transport_errors": dict(errors),
         "concurrency": conc,
         "seconds": cpu["wall_s"],
         "exceptions_per_s": rate(accepted, cpu["wall_s"]),
@@ -1950,6 +1959,10 @@ def run_bench(opts: Options) -> dict[str, Any]:
         failed = exc
         notes.append(f"failed: {exc}")
         echo(f"failed: {exc}")
+    except Exception as exc:  # a bug or an unexpected failure: keep what was measured
+        failed = exc
+        notes.append(f"failed: {type(exc).__name__}: {exc}")
+        echo(f"failed: {type(exc).__name__}: {exc}")
     finally:
         procs.stop_all()
         if failed is not None:  # keep the children's logs for the post-mortem
