@@ -582,12 +582,18 @@ class StageRunner:
             self.processed.mark(str(request.event_id), now())
             return
         redrive = isinstance(request, ExceptionRedriveRequested)
-        items = [Item.from_json(q["head"])] if redrive else []
-        items += [Item.from_json(p) for p in q["parked"]]
-        self._save(qid, None)
+        if "replaying" in q:  # a crash interrupted this request: go on where it stopped
+            items = [Item.from_json(p) for p in q["replaying"]]
+        else:
+            items = [Item.from_json(q["head"])] if redrive else []
+            items += [Item.from_json(p) for p in q["parked"]]
         redrive_event(self.name, self.dlq.get_topic_name(), len(items))
         span.set_outcome("processed")
         for index, it in enumerate(items):
+            # What is left to replay is recorded before each step, so a crash halfway loses no
+            # parked event: the redelivered request resumes here, and replays of events that did
+            # finish are dropped by the idempotency table.
+            self._save(qid, {**q, "replaying": [p.to_json() for p in items[index:]]})
             # Each replay is a span in the replayed event's own trace, next to its failure.
             with it.span(self.name) as replay:
                 replay.add_event("sluice.redrive", {"sluice.request_id": str(request.event_id)})
@@ -596,12 +602,14 @@ class StageRunner:
                 # Dead-lettered again: it heads a new quarantine, the rest stay parked behind it.
                 again = self._quarantine(qid)
                 if again is not None:
+                    again.pop("replaying", None)
                     again["parked"] = [
                         {**p.to_json(), "event_id": None} for p in items[index + 1 :]
                     ]
                     self._save(qid, again)
                 break
         else:
+            self._save(qid, None)
             payload = QuarantineLiftedPayload(
                 stage=self.name,
                 action="redrive" if redrive else "discard",
