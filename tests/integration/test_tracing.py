@@ -56,9 +56,16 @@ async def test_one_post_is_one_trace_through_every_stage_and_tool(
     await stack.wait_for_state(exception_id, {"resolved"})
 
     def complete(arrived: list[CollectedSpan]) -> bool:
-        spans = [s for s in arrived if s.attributes.get("sluice.exception_id") == exception_id]
-        names = {s.name for s in spans}
-        return all(f"process {prefix}.{t}" in names for t in STAGE_TOPICS)
+        """Every stage's own span (not only the projection's) and the three tool calls arrived."""
+        mine = [s for s in arrived if s.attributes.get("sluice.exception_id") == exception_id]
+        stage_spans = {
+            s.name for s in mine if s.attributes.get("sluice.stage") not in (None, "projection")
+        }
+        trace_ids = {s.trace_id for s in mine}
+        clients = [s for s in arrived if s.kind == "CLIENT" and s.trace_id in trace_ids]
+        return (
+            all(f"process {prefix}.{t}" in stage_spans for t in STAGE_TOPICS) and len(clients) >= 3
+        )
 
     collector.wait_for(complete, timeout=30)
     spans = trace_of(collector, exception_id)
