@@ -164,14 +164,17 @@ _EXPIRING = {"cleanup.policy": "compact,delete", "retention.ms": str(_TTL_MS)}
 _ROCKSDICT = {"driver": "rocksdict"}
 
 
-def _expiring_table(name: str) -> TableT[Any, Any]:
-    return app.Table(
-        name,
-        key_type=str,
-        value_type=bytes,
-        options={**_ROCKSDICT, "ttl": settings.processed_ttl_seconds},
-        extra_topic_configs=_EXPIRING,
-    )
+def _expiring_table(name: str, table_cls: type[faust.Table] | None = None) -> Any:
+    """An expiring str -> bytes table; ``table_cls`` swaps in a Table subclass (the ledger's)."""
+    kwargs: dict[str, Any] = {
+        "key_type": str,
+        "value_type": bytes,
+        "options": {**_ROCKSDICT, "ttl": settings.processed_ttl_seconds},
+        "extra_topic_configs": _EXPIRING,
+    }
+    if table_cls is None:
+        return app.Table(name, **kwargs)
+    return app.tables.add(table_cls(app, name=name, beacon=app.tables.beacon, **kwargs))
 
 
 def _table(name: str, key_type: type = str) -> TableT[Any, Any]:
@@ -195,17 +198,8 @@ class AckedTable(faust.Table):
         return fut
 
 
-ledger_table: Any = app.tables.add(  # idempotency key -> StepResult or an in-flight marker
-    AckedTable(
-        app,
-        name="tool-ledger",
-        beacon=app.tables.beacon,
-        key_type=str,
-        value_type=bytes,
-        options={**_ROCKSDICT, "ttl": settings.processed_ttl_seconds},
-        extra_topic_configs=_EXPIRING,
-    )
-)
+# idempotency key -> StepResult or an in-flight marker
+ledger_table = _expiring_table("tool-ledger", AckedTable)
 quarantine_table = _table("quarantine")  # <stage>:<exception id> -> dead letter + parked items
 
 
