@@ -54,6 +54,7 @@ def create_app(settings: Settings) -> faust.App:
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication_factor,
         producer_acks=-1,
+        producer_linger=settings.producer_linger_ms / 1000,
         consumer_auto_offset_reset="earliest",
         table_standby_replicas=0,
         autodiscover=False,

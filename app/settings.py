@@ -84,6 +84,34 @@ class Settings(BaseSettings):
         le=600,
         description="On SIGTERM/SIGINT, how long a worker waits for the events in flight to finish.",
     )
+    worker_batch_max: int = Field(
+        default=200,
+        ge=1,
+        le=10_000,
+        description="Most records a stage takes at once: the records already fetched are processed "
+        "together, their outputs sent together and their acks awaited once.",
+    )
+    producer_linger_ms: float = Field(
+        default=0.0,
+        ge=0,
+        le=1000,
+        description="How long the worker's producer waits to fill a request (Kafka's linger.ms).",
+    )
+    table_write_buffer_kib: int = Field(
+        default=1024,
+        ge=64,
+        le=1_048_576,
+        description="RocksDB memtable size of each table partition (two at most).",
+    )
+    table_block_cache_kib: int = Field(
+        default=2048,
+        ge=0,
+        le=16_777_216,
+        description="RocksDB block cache of each table partition.",
+    )
+    table_max_open_files: int = Field(
+        default=32, ge=16, le=100_000, description="Open SST files kept per table partition."
+    )
     tool_max_attempts: int = Field(default=3, ge=1, le=20)
     tool_backoff_base_seconds: float = Field(default=0.2, ge=0)
     tool_backoff_max_seconds: float = Field(default=10.0, ge=0)
