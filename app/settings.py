@@ -97,6 +97,9 @@ class Settings(BaseSettings):
         le=1000,
         description="How long the worker's producer waits to fill a request (Kafka's linger.ms).",
     )
+    worker_event_loop: Literal["uvloop", "asyncio"] = Field(
+        default="uvloop", description="The worker's event loop: uvloop, or Python's own asyncio."
+    )
     table_write_buffer_kib: int = Field(
         default=1024,
         ge=64,
