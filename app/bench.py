@@ -201,6 +201,16 @@ def disk_usage(path: Path) -> int:
     return total
 
 
+def table_sizes(path: Path) -> dict[str, int]:
+    """Bytes allocated per table under a worker's folder: Faust keeps one RocksDB folder per table
+    and partition (``.../tables/<table>-<partition>.db``); the partitions of a table are summed."""
+    sizes: dict[str, int] = {}
+    for db in sorted(path.glob("**/tables/*.db")):
+        table = db.name.removesuffix(".db").rpartition("-")[0] or db.name
+        sizes[table] = sizes.get(table, 0) + disk_usage(db)
+    return sizes
+
+
 def host_info(
     cpuinfo: str | None = None, meminfo: str | None = None, nproc: int | None = None
 ) -> dict[str, Any]:
@@ -328,7 +338,7 @@ ACTIVITIES: list[tuple[str, tuple[str, ...]]] = [
     ("tables: rocksdict get/set", ("faust/stores/rocksdb.py", "rocksdict")),
     ("tables: changelog + bookkeeping", ("faust/tables/",)),
     ("stage logic (agents/*)", ("agents/", "schemas/state.py")),
-    ("send + wait for ack", ("send_all (app/pipeline.py", "faust/topics.py")),
+    ("send + wait for ack", ("send_outgoing (app/pipeline.py", "faust/topics.py")),
     ("faust stream/ack machinery", ("faust/streams.py", "faust/channels.py", "faust/agents/")),
     ("faust consumer/commit/conductor", ("faust/transport/",)),
     ("aiokafka fetch/parse", ("aiokafka/consumer/", "aiokafka/record/")),
@@ -337,6 +347,8 @@ ACTIVITIES: list[tuple[str, tuple[str, ...]]] = [
     ("web (aiohttp)", ("aiohttp/",)),
     ("event loop", ("asyncio/",)),
 ]
+# uvloop runs in C: a sample inside it ends at the Python frame that entered the loop.
+NATIVE_LOOP = ("execute_from_commandline (mode/worker.py", "_start_thread (mode/threads.py")
 
 
 def parse_collapsed(text: str) -> list[tuple[list[str], int]]:
@@ -389,6 +401,8 @@ def thread_of(frames: Sequence[str]) -> str:
 def activity_of(frames: Sequence[str]) -> str:
     if is_idle(frames):
         return IDLE
+    if frames and any(n in frames[-1] for n in NATIVE_LOOP):
+        return "event loop"
     for label, needles in ACTIVITIES:
         for frame in reversed(frames):
             if any(n in frame for n in needles):
@@ -1690,16 +1704,17 @@ async def run_memory(
             raise BenchError(f"the memory phase stalled before {checkpoint:,}")
         watcher_total = before + watcher.counts[phase_key]
         mem = memory_of(ctx.worker.pid)
-        point = {
+        point: dict[str, Any] = {
             "exceptions": watcher_total,
             "rss_bytes": mem["rss_bytes"],
             "hwm_bytes": mem["hwm_bytes"],
             "data_dir_bytes": disk_usage(ctx.worker_dir),
+            "table_bytes": table_sizes(ctx.worker_dir),
             "elapsed_s": round(time.perf_counter() - start, 1),
         }
         points.append(point)
         echo(
-            f"memory checkpoint {watcher_total:,}: RSS {human_bytes(point['rss_bytes'])}, "
+            f"memory checkpoint {watcher_total:,}: RSS {human_bytes(mem['rss_bytes'])}, "
             f"tables {human_bytes(point['data_dir_bytes'])}"
         )
     return {

@@ -149,6 +149,19 @@ def test_disk_usage_counts_allocated_blocks(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------- options
 
 
+def test_table_sizes_sum_the_partitions_of_each_table(tmp_path: Path) -> None:
+    tables = tmp_path / "worker-0" / "v1" / "tables"
+    for name, size in (
+        ("processed-intake-0", 8192),
+        ("processed-intake-7", 4096),
+        ("exceptions-3", 4096),
+    ):
+        (tables / f"{name}.db").mkdir(parents=True)
+        (tables / f"{name}.db" / "000001.sst").write_bytes(b"x" * size)
+    sizes = bench.table_sizes(tmp_path)
+    assert sizes == {"processed-intake": 12288, "exceptions": 4096}
+
+
 def test_checkpoints_accept_suffixes() -> None:
     assert bench.parse_checkpoints("1M,100k, 250k,500k") == [100_000, 250_000, 500_000, 1_000_000]
     assert bench.parse_checkpoints("10000,50_000,10000") == [10_000, 50_000]
@@ -215,6 +228,18 @@ def test_profile_attribution_by_stage_thread_and_activity() -> None:
     assert out["top_self"][0]["name"] == "decode (schemas/codec.py:40)"
     inclusive = {i["name"]: i["samples"] for i in out["top_inclusive"]}
     assert inclusive["Handle._run (asyncio/events.py:80)"] == 100
+
+
+def test_time_inside_uvloop_counts_as_the_event_loop() -> None:
+    # uvloop is C: a sample taken inside it ends at the Python frame that entered the loop.
+    loop_entry = [
+        "<module> (app/cli.py:520)",
+        "Worker.execute_from_commandline (mode/worker.py:264)",
+    ]
+    assert bench.activity_of(loop_entry) == "event loop"
+    # ... but a deeper sample of the same thread is judged by what it was doing.
+    deeper = [*loop_entry, "StageRunner.run (app/pipeline.py:389)", "decode (schemas/codec.py:40)"]
+    assert bench.activity_of(deeper) == "decode (orjson+pydantic)"
 
 
 def test_frame_parts() -> None:
