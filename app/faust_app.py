@@ -6,42 +6,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import faust
-import faust.transport.consumer
 
 from app.settings import Settings, get_settings
 from app.topics import TopicNames
 
 
-def _ack_current_generation_only() -> None:
-    """Make Faust ignore acks of records fetched before the latest rebalance.
-
-    After a rebalance Faust seeks every partition back to its committed offset, so a record fetched
-    before it comes again; the old copies still queued for an agent are skipped *and acked* by the
-    stream (faust/streams.py). On a topic two agents read (a stage's input is also a history topic
-    of the projection), the projection's ack plus that skip-ack made a record fully acked, so the
-    next commit passed it while the refetched copy had not been processed: a worker killed in that
-    window lost the record for the stage (the SIGKILL test lost 2 of 2000 plans that way). An ack
-    of an old generation's copy now counts for nothing; the refetched copy's ack counts.
-    """
-    consumer_cls = faust.transport.consumer.Consumer
-    faust_ack = consumer_cls.ack
-    if getattr(faust_ack, "sluice_generation_check", False):
-        return
-
-    def ack(self: Any, message: Any) -> bool:
-        if message.generation_id != self.app.consumer_generation_id:
-            return False
-        return bool(faust_ack(self, message))
-
-    ack.sluice_generation_check = True  # type: ignore[attr-defined]
-    consumer_cls.ack = ack  # type: ignore[method-assign]
-
-
 def create_app(settings: Settings) -> faust.App:
-    _ack_current_generation_only()
     settings.worker_dir.parent.mkdir(parents=True, exist_ok=True)
     return faust.App(
         settings.app_id,
