@@ -211,6 +211,28 @@ def table_sizes(path: Path) -> dict[str, int]:
     return sizes
 
 
+def code_version(cwd: Path | None = None) -> dict[str, Any]:
+    """The commit the bench ran and whether the tree had uncommitted changes (None outside git)."""
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(  # noqa: S603 - fixed git arguments
+                ["git", *args],  # noqa: S607 - git from PATH
+                cwd=cwd,
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
 def host_info(
     cpuinfo: str | None = None, meminfo: str | None = None, nproc: int | None = None
 ) -> dict[str, Any]:
@@ -2000,7 +2022,7 @@ def run_bench(opts: Options) -> dict[str, Any]:
     result = build_result(
         started_at=started,
         command=["sluice", "bench", *sys.argv[1:]],
-        host=host_info(),
+        host={**host_info(), "code": code_version()},
         config=config,
         phases=phases,
         notes=notes,

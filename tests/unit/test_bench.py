@@ -4,6 +4,7 @@ result document and the table. No broker, no processes."""
 from __future__ import annotations
 
 import json
+import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,27 @@ def test_table_sizes_sum_the_partitions_of_each_table(tmp_path: Path) -> None:
         (tables / f"{name}.db" / "000001.sst").write_bytes(b"x" * size)
     sizes = bench.table_sizes(tmp_path)
     assert sizes == {"processed-intake": 12288, "exceptions": 4096}
+
+
+def test_code_version_names_the_commit_and_uncommitted_changes(tmp_path: Path) -> None:
+    assert bench.code_version(tmp_path) == {"commit": None, "dirty": None}
+    env = ["-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "f.txt").write_text("one\n")
+    subprocess.run(["git", "-C", str(tmp_path), "add", "f.txt"], check=True)
+    subprocess.run(
+        ["git", "-C", str(tmp_path), *env, "commit", "-q", "-m", "one"],
+        check=True,
+    )
+    head = subprocess.run(
+        ["git", "-C", str(tmp_path), "rev-parse", "HEAD"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    assert bench.code_version(tmp_path) == {"commit": head, "dirty": False}
+    (tmp_path / "f.txt").write_text("two\n")
+    assert bench.code_version(tmp_path) == {"commit": head, "dirty": True}
 
 
 def test_checkpoints_accept_suffixes() -> None:
