@@ -525,9 +525,16 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         targets.append({"name": "p99 < 100 ms at half max rate", "status": "not run"})
     mem = result.get("memory") or {}
     points = [p for p in mem.get("checkpoints", []) if p.get("rss_bytes")]
+    # the target's range starts at 100k: earlier checkpoints only show the warm-up
+    from_100k = [p for p in points if p["exceptions"] >= 95_000]
+    if len(from_100k) >= 2:
+        points = from_100k
     if len(points) >= 2:
         first, last = points[0], points[-1]
         growth = last["rss_bytes"] / first["rss_bytes"] - 1
+        covered = first["exceptions"] <= 105_000 and last["exceptions"] >= 950_000
+        # within 10 % over part of the range is not the target met: say how far it was shown
+        status = "miss" if abs(growth) > 0.10 else "pass" if covered else "partial"
         targets.append(
             {
                 "name": "RSS flat within 10% from 100k to 1M exceptions",
@@ -535,7 +542,7 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                     f"{100 * growth:+.1f}% from {first['exceptions']:,} to "
                     f"{last['exceptions']:,} exceptions"
                 ),
-                "status": "pass" if abs(growth) <= 0.10 else "miss",
+                "status": status,
                 "range_covered": [first["exceptions"], last["exceptions"]],
             }
         )
@@ -1552,7 +1559,8 @@ async def run_pipeline_phases(
 
         # (f) memory
         if opts.memory:
-            phases["memory"] = await run_memory(ctx, opts, producer, watcher, topics)
+            # run_memory fills phases["memory"] as it goes: a run stopped early keeps its checkpoints
+            await run_memory(ctx, opts, producer, watcher, topics, phases)
     finally:
         await producer.stop()
         await watcher.stop()
@@ -1697,13 +1705,28 @@ async def run_profiled_throughput(
 
 
 async def run_memory(
-    ctx: BenchContext, opts: Options, producer: Any, watcher: Watcher, topics: Any
+    ctx: BenchContext,
+    opts: Options,
+    producer: Any,
+    watcher: Watcher,
+    topics: Any,
+    phases: dict[str, Any],
 ) -> dict[str, Any]:
+    """Push distinct exceptions through and sample at each checkpoint. The result is
+    ``phases["memory"]`` from the start and grows a point per checkpoint, so an interrupted run
+    (a million exceptions take hours) still reports the checkpoints it reached."""
     if ctx.worker is None:
         raise BenchError("no worker is running")
     phase_key = phase_of(ctx.maker.key("mem", 0))
     before = watcher_total = sum(watcher.counts.values())
     points: list[dict[str, Any]] = []
+    result: dict[str, Any] = {
+        "checkpoints": points,
+        "counted": "distinct exceptions completed by this worker since it started (all phases)",
+        "data_dir": "du of the worker's table folder (RocksDB stores of every table)",
+        "table_bytes": "du of each table's RocksDB folders, summed over its partitions",
+    }
+    phases["memory"] = result
     start = time.perf_counter()
     sent = 0
     chunk = 5_000
@@ -1739,11 +1762,7 @@ async def run_memory(
             f"memory checkpoint {watcher_total:,}: RSS {human_bytes(mem['rss_bytes'])}, "
             f"tables {human_bytes(point['data_dir_bytes'])}"
         )
-    return {
-        "checkpoints": points,
-        "counted": "distinct exceptions completed by this worker since it started (all phases)",
-        "data_dir": "du of the worker's table folder (RocksDB stores of every table)",
-    }
+    return result
 
 
 # ======================================================================================= (d) API
