@@ -737,27 +737,24 @@ class EventMaker:
     _template: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from schemas.events import ExceptionIngested, ExceptionReport, IngestedPayload
+        from api.ingest import build_event, request_hash
+        from schemas.api import ExceptionCreate
 
-        event_id = uuid.uuid4()
-        event = ExceptionIngested(
-            event_id=event_id,
-            tenant_id=TENANT,
-            exception_id="template",
-            sequence=1,
-            occurred_at=datetime.now(UTC),
-            causation_id=None,
-            correlation_id=event_id,
-            payload=IngestedPayload(
-                report=ExceptionReport(
-                    source="payments-eu",
-                    error_type="BenchError000",
-                    message="Card declined for order 12345678 (customer 4242, amount 99.90 EUR)",
-                    external_ref="ord-12345678",
-                    attributes={"region": "eu-west", "customer_tier": "standard", "n": 0},
-                ),
-                request_hash="0" * 64,
-            ),
+        # built the way the API builds what it produces, so the bench sends what producers send
+        body = ExceptionCreate(
+            source="payments-eu",
+            error_type="BenchError000",
+            message="Card declined for order 12345678 (customer 4242, amount 99.90 EUR)",
+            external_ref="ord-12345678",
+            attributes={"region": "eu-west", "customer_tier": "standard", "n": 0},
+        )
+        event = build_event(
+            TENANT,
+            "template",
+            body,
+            body_hash=request_hash(body),
+            idempotency_key=None,
+            now=datetime.now(UTC),
         )
         self._template = event.model_dump(mode="json")
 
