@@ -65,19 +65,29 @@ async def ensure_changelogs(settings: Settings, app: Any) -> list[str]:
         await client.close()
 
 
-async def broker_problem(settings: Settings, within: float = 2.0) -> str | None:
-    """None when the cluster answers a metadata request within ``within`` seconds, else why not."""
+async def metadata_error(bootstrap: str, within: float) -> Exception | None:
+    """None when the cluster at ``bootstrap`` answers a metadata request within ``within`` seconds,
+    else the error (one attempt)."""
     client = AIOKafkaAdminClient(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        request_timeout_ms=int(within * 1000),
+        bootstrap_servers=bootstrap, request_timeout_ms=max(1, int(within * 1000))
     )
     try:
         async with asyncio.timeout(within):
             await client.start()
             await client.describe_cluster()
     except Exception as exc:  # any failure means "not reachable now"; the caller reports it
-        return f"Kafka at {settings.kafka_bootstrap_servers} did not answer: {exc or type(exc).__name__}"
+        return exc
     finally:
         with contextlib.suppress(Exception):
             await client.close()
     return None
+
+
+async def broker_problem(settings: Settings, within: float = 2.0) -> str | None:
+    """None when the cluster answers a metadata request within ``within`` seconds, else why not."""
+    exc = await metadata_error(settings.kafka_bootstrap_servers, within)
+    if exc is None:
+        return None
+    return (
+        f"Kafka at {settings.kafka_bootstrap_servers} did not answer: {exc or type(exc).__name__}"
+    )

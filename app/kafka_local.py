@@ -150,24 +150,17 @@ def _java() -> str:
 
 async def wait_for_metadata(bootstrap: str, within: float = 60.0) -> None:
     """Return once the broker at ``bootstrap`` answers a metadata request, or raise KafkaError."""
-    from aiokafka.admin import AIOKafkaAdminClient
+    from app.admin import metadata_error
 
     # aiokafka logs every refused connection at ERROR; while we poll a starting broker that is noise.
     quiet = _Quiet("aiokafka")
     deadline = time.monotonic() + within
     last: Exception | None = None
     while time.monotonic() < deadline:
-        client = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
-        try:
-            await client.start()
-            await client.describe_cluster()
+        last = await metadata_error(bootstrap, 5.0)  # any failure means "not yet"
+        if last is None:
             quiet.restore()
             return
-        except Exception as exc:  # any failure means "not yet"; the deadline bounds the wait
-            last = exc
-        finally:
-            with contextlib.suppress(Exception):
-                await client.close()
         await asyncio.sleep(0.3)
     quiet.restore()
     raise KafkaError(
