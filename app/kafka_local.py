@@ -24,6 +24,7 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,6 +169,19 @@ async def wait_for_metadata(bootstrap: str, within: float = 60.0) -> None:
     )
 
 
+def new_cluster_id(random_uuid: Callable[[], uuid.UUID] = uuid.uuid4) -> str:
+    """A KRaft cluster id: a random UUID in URL-safe base64, never starting with '-'.
+
+    One id in 64 would otherwise start with '-', which kafka-storage's argument parser reads
+    as an option ("argument --cluster-id/-t: expected one argument"). Kafka's own
+    Uuid.randomUuid() draws again in that case; so does this.
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(random_uuid().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 @dataclass
 class LocalKafka:
     """A single-node KRaft broker whose data, config and logs live in ``state_dir``."""
@@ -256,9 +270,14 @@ class LocalKafka:
         """Format the KRaft storage once; a formatted folder is kept across restarts."""
         if (self.data_dir / "meta.properties").exists():
             return
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         cmd = self._java_cmd(
-            libs, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)
+            libs,
+            "kafka.tools.StorageTool",
+            "format",
+            "--cluster-id",
+            new_cluster_id(),
+            "--config",
+            str(config),
         )
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)  # noqa: S603
         if result.returncode != 0:
