@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import faust
 
+from app.rocks import STORE_URL
 from app.settings import Settings, get_settings
 from app.topics import TopicNames
 
@@ -17,7 +18,7 @@ def create_app(settings: Settings) -> faust.App:
     return faust.App(
         settings.app_id,
         broker=settings.faust_broker,
-        store="rocksdb://",
+        store=STORE_URL,  # RocksDB with one memory budget per process
         datadir=str(settings.worker_dir),
         web_host=settings.worker_web_host,
         web_port=settings.worker_web_port,

@@ -166,14 +166,13 @@ _EXPIRING = {"cleanup.policy": "compact,delete", "retention.ms": str(_TTL_MS)}
 def _rocksdb(**extra: Any) -> dict[str, Any]:
     """The options of one table's RocksDB stores (a fresh dict: Faust pops keys out of it).
 
-    A worker opens one RocksDB instance per table and partition (88 at the default 8 partitions),
-    and Faust's defaults give each a 64 MiB write buffer (up to 3 of them), a 2 GiB block cache and
-    no limit on open files, so memory grew with the data. These bound it (settings.table_*)."""
+    A worker opens one RocksDB instance per table and partition (88 at the default 8 partitions).
+    Their memory is bounded in app.rocks (the app's store): one cache and one memtable budget for all of them. These
+    are each instance's own: memtable size and count, and open files (settings.table_*)."""
     return {
         "driver": "rocksdict",
         "write_buffer_size": settings.table_write_buffer_kib * 1024,
         "max_write_buffer_number": 2,
-        "block_cache_size": settings.table_block_cache_kib * 1024,
         "max_open_files": settings.table_max_open_files,
         **extra,
     }

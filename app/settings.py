@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -99,11 +99,19 @@ class Settings(BaseSettings):
         le=1_048_576,
         description="RocksDB memtable size of each table partition (two at most).",
     )
-    table_block_cache_kib: int = Field(
-        default=2048,
-        ge=0,
-        le=16_777_216,
-        description="RocksDB block cache of each table partition.",
+    table_cache_mib: int = Field(
+        default=64,
+        ge=8,
+        le=1_048_576,
+        description="RocksDB block cache shared by every table partition of a worker: data, index"
+        " and filter blocks, and the memtables' reservations (SLUICE_TABLE_WRITE_BUFFERS_MIB).",
+    )
+    table_write_buffers_mib: int = Field(
+        default=32,
+        ge=1,
+        le=1_048_576,
+        description="Memtable budget of all table partitions of a worker together, charged to the"
+        " shared cache; past it RocksDB flushes sooner.",
     )
     table_max_open_files: int = Field(
         default=32, ge=16, le=100_000, description="Open SST files kept per table partition."
@@ -122,6 +130,16 @@ class Settings(BaseSettings):
                 f"got {value!r}"
             )
         return ",".join(servers)
+
+    @model_validator(mode="after")
+    def _write_buffers_fit_the_cache(self) -> Settings:
+        if self.table_write_buffers_mib >= self.table_cache_mib:
+            raise ValueError(
+                "SLUICE_TABLE_WRITE_BUFFERS_MIB must be less than SLUICE_TABLE_CACHE_MIB (the"
+                " memtables are charged to the cache), got "
+                f"{self.table_write_buffers_mib} and {self.table_cache_mib}"
+            )
+        return self
 
     @property
     def worker_dir(self) -> Path:

@@ -737,6 +737,26 @@ class Metrics:
             ["topic", "partition"],
             registry=registry,
         )
+        self.table_bytes = Gauge(
+            "sluice_table_bytes",
+            "What RocksDB reports for a table's partitions on this worker, summed: memtables,"
+            " table readers (index and filters held outside the cache) and SST files on disk.",
+            ["table", "kind"],
+            registry=registry,
+        )
+        self.table_keys = Gauge(
+            "sluice_table_keys_estimate",
+            "RocksDB's estimate of the keys in a table's partitions on this worker.",
+            ["table"],
+            registry=registry,
+        )
+        self.table_cache_bytes = Gauge(
+            "sluice_table_cache_bytes",
+            "The worker's one RocksDB cache (capacity, usage, pinned) and memtable budget"
+            " (write_buffers_limit, write_buffers_usage), shared by every table partition.",
+            ["kind"],
+            registry=registry,
+        )
         # API
         self.ingest_requests = Counter(
             "sluice_ingest_requests",
@@ -795,6 +815,17 @@ class Metrics:
 
     def set_consumer_lag(self, topic: str, partition: int, lag: int) -> None:
         self.consumer_lag.labels(topic, str(partition)).set(lag)
+
+    def set_table_memory(
+        self, tables: Mapping[str, Mapping[str, int]], shared: Mapping[str, int]
+    ) -> None:
+        """Record what app.rocks reports: per table (memory and keys) and the shared budget."""
+        for table, figures in tables.items():
+            for kind in ("memtables", "table_readers", "sst_files"):
+                self.table_bytes.labels(table, kind).set(figures[kind])
+            self.table_keys.labels(table).set(figures["keys_estimate"])
+        for kind, value in shared.items():
+            self.table_cache_bytes.labels(kind.removeprefix("cache_")).set(value)
 
     def forget_consumer_lag(self, topic: str, partition: int) -> None:
         """Drop a partition's lag series (the partition was revoked from this worker)."""

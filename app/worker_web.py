@@ -21,6 +21,7 @@ from faust.web import Request, Response, View
 from app.admin import broker_problem
 from app.faust_app import app, settings, topics
 from app.pipeline import STATS, exceptions_table, quarantine_table
+from app.rocks import cache_usage, table_memory
 from app.telemetry import metrics, render_metrics, shutdown_tracing
 from schemas.state import ExceptionRecord
 
@@ -264,12 +265,14 @@ class StatsView(View):
 
 
 def _refresh_gauges() -> None:
-    """At scrape time: DLQ depth per stage and consumer lag per partition (cheap, not per event)."""
+    """At scrape time (cheap, not per event): DLQ depth per stage, consumer lag per partition and
+    the tables' RocksDB memory."""
     stats = local_stats()
     for stage in STATS:
         metrics.set_dlq_depth(stage, stats["dlq_depth"].get(stage, 0))
     for tp, lag in partition_lags().items():
         metrics.set_consumer_lag(tp.topic, tp.partition, lag)
+    metrics.set_table_memory(table_memory(app.tables), cache_usage())
 
 
 metrics.on_scrape(_refresh_gauges)

@@ -12,6 +12,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.rocks import MiB
+from app.settings import Settings
 from tests.integration.conftest import StackFactory
 from tests.integration.test_pipeline import PAYMENT, post
 from tests.support.mock_http import MockHTTPServer
@@ -163,5 +165,15 @@ async def test_metrics_move_on_api_and_worker(stack_factory: StackFactory) -> No
     assert samples(worker, "sluice_end_to_end_seconds_count")[()] == 3
     assert (("stage", "tool"),) in samples(worker, "sluice_dlq_depth")
     assert any(k for k in samples(worker, "sluice_consumer_lag"))
+    # the tables' RocksDB: one shared cache (the default size), and every table reports itself
+    cache = samples(worker, "sluice_table_cache_bytes")
+    assert cache[(("kind", "capacity"),)] == Settings.model_fields["table_cache_mib"].default * MiB
+    assert cache[(("kind", "usage"),)] > 0
+    assert cache[(("kind", "write_buffers_usage"),)] > 0
+    keys = samples(worker, "sluice_table_keys_estimate")
+    assert keys[(("table", "exceptions"),)] >= 3
+    assert keys[(("table", "processed-tool"),)] >= 3
+    memtables = samples(worker, "sluice_table_bytes")
+    assert memtables[(("kind", "memtables"), ("table", "exceptions"))] > 0
     ingest = samples(api, "sluice_ingest_requests_total")
     assert sum(v for k, v in ingest.items() if ("status_code", "202") in k) == 3

@@ -1,0 +1,140 @@
+"""RocksDB for the worker's tables under one memory budget per process.
+
+A worker opens one RocksDB instance per table and partition: 88 at the default 8 partitions.
+Faust's rocksdict driver gives every instance a block cache of its own and keeps each SST file's
+index and bloom filter in memory outside any cache, so a worker's memory grew with the number of
+instances and with the number of keys stored. Here every instance of the process shares:
+
+- one LRU block cache (``settings.table_cache_mib``) that also holds the index and filter blocks,
+  with level-0 ones pinned so the newest files never have to be read back from disk;
+- one write buffer manager (``settings.table_write_buffers_mib``) that bounds the memtables of all
+  instances together and charges them to that cache.
+
+So RocksDB's memory is about ``table_cache_mib`` however many tables, partitions or keys there are,
+plus each instance's one mutable memtable (``settings.table_write_buffer_kib``) while it fills.
+
+Tables select this store with the ``sluice-rocksdb://`` URL (registered with Faust below).
+:func:`table_memory` reads what RocksDB reports for each table, for the worker's metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import rocksdict
+from faust.stores import STORES
+from faust.stores import rocksdb as faust_rocksdb
+
+from app.settings import get_settings
+
+STORE_URL = "sluice-rocksdb://"
+STORES.aliases["sluice-rocksdb"] = "app.rocks:Store"
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SharedMemory:
+    """The cache and write buffer manager every RocksDB instance of this process shares."""
+
+    cache: rocksdict.Cache
+    write_buffers: rocksdict.WriteBufferManager
+    cache_bytes: int
+    write_buffers_bytes: int
+
+
+@lru_cache(maxsize=1)
+def shared_memory() -> SharedMemory:
+    """This process's cache and write buffer manager, made on first use from the settings."""
+    settings = get_settings()
+    cache_bytes = settings.table_cache_mib * MiB
+    write_buffers_bytes = settings.table_write_buffers_mib * MiB
+    cache = rocksdict.Cache(cache_bytes)
+    return SharedMemory(
+        cache=cache,
+        # allow_stall=False: past the budget RocksDB flushes sooner, it never blocks the writers
+        write_buffers=rocksdict.WriteBufferManager.new_write_buffer_manager_with_cache(
+            write_buffers_bytes, False, cache
+        ),
+        cache_bytes=cache_bytes,
+        write_buffers_bytes=write_buffers_bytes,
+    )
+
+
+class SharedMemoryOptions(faust_rocksdb.RocksDBOptions):
+    """Faust's RocksDB options, but with the process's shared cache and write buffer manager."""
+
+    def as_options(self) -> rocksdict.Options:
+        shared = shared_memory()
+        options = rocksdict.Options(raw_mode=True)
+        options.create_if_missing(True)
+        if self.max_open_files is not None:
+            options.set_max_open_files(self.max_open_files)
+        options.set_write_buffer_size(self.write_buffer_size)
+        options.set_max_write_buffer_number(self.max_write_buffer_number)
+        options.set_target_file_size_base(self.target_file_size_base)
+        options.set_write_buffer_manager(shared.write_buffers)
+        table = rocksdict.BlockBasedOptions()
+        table.set_bloom_filter(self.bloom_filter_size, True)
+        table.set_block_cache(shared.cache)
+        table.set_cache_index_and_filter_blocks(True)
+        table.set_pin_l0_filter_and_index_blocks_in_cache(True)
+        table.set_index_type(rocksdict.BlockBasedIndexType.binary_search())
+        options.set_block_based_table_factory(table)
+        return options
+
+
+class Store(faust_rocksdb.Store):
+    """Faust's RocksDB store (rocksdict driver) with :class:`SharedMemoryOptions`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Faust popped "driver" and "read_only" out of self.options; the rest are RocksDB options.
+        self.use_rocksdict = True
+        self.rocksdb_options = SharedMemoryOptions(**(self.options or {}), use_rocksdict=True)
+
+    def memory(self) -> dict[str, int]:
+        """What RocksDB reports for this table's open partitions, summed."""
+        totals = dict.fromkeys(_PROPERTIES, 0)
+        for db in list(self._dbs.values()):
+            for name, prop in _PROPERTIES.items():
+                try:
+                    value = db.property_int_value(prop)
+                except rocksdict.DbClosedError:  # closed by a rebalance since the list was taken
+                    break
+                totals[name] += value or 0
+        totals["partitions"] = len(self._dbs)
+        return totals
+
+
+_PROPERTIES = {
+    "memtables": "rocksdb.cur-size-all-mem-tables",
+    "table_readers": "rocksdb.estimate-table-readers-mem",
+    "sst_files": "rocksdb.total-sst-files-size",
+    "keys_estimate": "rocksdb.estimate-num-keys",
+}
+
+
+def table_memory(tables: Any) -> dict[str, dict[str, int]]:
+    """Per table (of a Faust TableManager) what :meth:`Store.memory` reports, for tables whose
+    store is open; tables on another store are left out."""
+    report: dict[str, dict[str, int]] = {}
+    for name, table in list(tables.items()):
+        data = getattr(table, "_data", None)
+        if isinstance(data, Store):
+            report[name] = data.memory()
+    return report
+
+
+def cache_usage() -> dict[str, int]:
+    """The shared cache and write buffer manager: capacity, usage, pinned usage (bytes)."""
+    shared = shared_memory()
+    return {
+        "cache_capacity": shared.cache_bytes,
+        "cache_usage": shared.cache.get_usage(),
+        "cache_pinned": shared.cache.get_pinned_usage(),
+        "write_buffers_limit": shared.write_buffers_bytes,
+        "write_buffers_usage": shared.write_buffers.get_usage(),
+    }

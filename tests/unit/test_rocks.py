@@ -1,0 +1,88 @@
+"""The worker's RocksDB stores share one cache and one memtable budget (app.rocks)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from faust.stores.rocksdb import RocksDBOptions
+from pydantic import ValidationError
+from rocksdict import Rdict
+
+from app.rocks import MiB, SharedMemoryOptions, shared_memory
+from app.settings import Settings, get_settings
+
+OPTIONS: dict[str, Any] = {
+    "write_buffer_size": MiB,
+    "max_write_buffer_number": 2,
+    "max_open_files": 32,
+}
+KEYS = 100_000
+
+
+def fill(db: Rdict) -> None:
+    """Write KEYS keys, flush them to an SST file and read some back."""
+    for i in range(KEYS):
+        db[f"exception-{i:08d}".encode()] = os.urandom(64)
+    db.flush()
+    for i in range(0, KEYS, 997):
+        assert db[f"exception-{i:08d}".encode()]
+
+
+def prop(db: Rdict, name: str) -> int:
+    value = db.property_int_value(f"rocksdb.{name}")
+    assert value is not None, name
+    return value
+
+
+def test_every_instance_uses_the_one_cache_and_keeps_index_and_filters_in_it(
+    tmp_path: Path,
+) -> None:
+    shared = shared_memory()
+    ours = [SharedMemoryOptions(**OPTIONS).open(tmp_path / f"ours-{n}") for n in range(2)]
+    # Faust's own options: a cache per instance, index and filters outside it
+    theirs = RocksDBOptions(**OPTIONS, block_cache_size=2 * MiB).open(tmp_path / "faust")
+    try:
+        for db in (*ours, theirs):
+            fill(db)
+
+        for db in ours:
+            assert prop(db, "block-cache-capacity") == get_settings().table_cache_mib * MiB
+        assert prop(theirs, "block-cache-capacity") == 2 * MiB
+        assert shared.cache.get_usage() >= prop(ours[0], "block-cache-usage") > 0
+        # index and bloom filter of 100k keys: held by the table reader in Faust's setup, and
+        # charged to the bounded cache in ours
+        assert prop(theirs, "estimate-table-readers-mem") > 3 * prop(
+            ours[0], "estimate-table-readers-mem"
+        )
+    finally:
+        for db in (*ours, theirs):
+            db.close()
+
+
+def test_memtables_are_charged_to_the_write_buffer_budget(tmp_path: Path) -> None:
+    shared = shared_memory()
+    before = shared.write_buffers.get_usage()
+    db = SharedMemoryOptions(**OPTIONS).open(tmp_path / "db")
+    try:
+        for i in range(5_000):
+            db[f"k{i}".encode()] = os.urandom(100)
+        assert prop(db, "cur-size-all-mem-tables") > 500_000
+        assert shared.write_buffers.get_usage() >= before + prop(db, "cur-size-all-mem-tables")
+        assert shared.write_buffers.enabled()
+        assert (
+            shared.write_buffers.get_buffer_size() == get_settings().table_write_buffers_mib * MiB
+        )
+    finally:
+        db.close()
+
+
+def test_a_memtable_budget_as_large_as_the_cache_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SLUICE_TABLE_CACHE_MIB", "32")
+    monkeypatch.setenv("SLUICE_TABLE_WRITE_BUFFERS_MIB", "32")
+    with pytest.raises(ValidationError, match="SLUICE_TABLE_WRITE_BUFFERS_MIB must be less than"):
+        Settings()
