@@ -211,6 +211,25 @@ def table_sizes(path: Path) -> dict[str, int]:
     return sizes
 
 
+def parse_table_metrics(text: str) -> dict[str, Any]:
+    """The worker's RocksDB gauges from its /metrics page: per table the bytes of each kind plus
+    ``keys_estimate``, and the shared cache and memtable budget under ``shared``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    tables: dict[str, dict[str, int]] = {}
+    shared: dict[str, int] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            value = int(sample.value)
+            if sample.name == "sluice_table_bytes":
+                tables.setdefault(sample.labels["table"], {})[sample.labels["kind"]] = value
+            elif sample.name == "sluice_table_keys_estimate":
+                tables.setdefault(sample.labels["table"], {})["keys_estimate"] = value
+            elif sample.name == "sluice_table_cache_bytes":
+                shared[sample.labels["kind"]] = value
+    return {"tables": tables, "shared": shared}
+
+
 def code_version(cwd: Path | None = None) -> dict[str, Any]:
     """The commit the bench ran and whether the tree had uncommitted changes (None outside git)."""
 
@@ -1366,6 +1385,18 @@ def start_worker(ctx: BenchContext) -> Proc:
     return proc
 
 
+def worker_table_memory(ctx: BenchContext) -> dict[str, Any] | None:
+    """What the worker's RocksDB reports (its /metrics), None if the worker does not answer."""
+    import httpx
+
+    try:
+        resp = httpx.get(f"http://127.0.0.1:{ctx.worker_port}/metrics", timeout=10)
+        resp.raise_for_status()
+    except httpx.HTTPError:
+        return None
+    return parse_table_metrics(resp.text)
+
+
 def worker_stats(ctx: BenchContext) -> dict[str, Any] | None:
     import httpx
 
@@ -1722,6 +1753,8 @@ async def run_memory(
         "counted": "distinct exceptions completed by this worker since it started (all phases)",
         "data_dir": "du of the worker's table folder (RocksDB stores of every table)",
         "table_bytes": "du of each table's RocksDB folders, summed over its partitions",
+        "rocksdb": "the worker's sluice_table_* gauges: per table memtables, table readers, SST"
+        " bytes and estimated keys; the shared cache's capacity, usage and pinned bytes",
     }
     phases["memory"] = result
     start = time.perf_counter()
@@ -1752,12 +1785,15 @@ async def run_memory(
             "hwm_bytes": mem["hwm_bytes"],
             "data_dir_bytes": disk_usage(ctx.worker_dir),
             "table_bytes": table_sizes(ctx.worker_dir),
+            "rocksdb": await asyncio.to_thread(worker_table_memory, ctx),
             "elapsed_s": round(time.perf_counter() - start, 1),
         }
         points.append(point)
+        shared = (point["rocksdb"] or {}).get("shared", {})
         echo(
             f"memory checkpoint {watcher_total:,}: RSS {human_bytes(mem['rss_bytes'])}, "
-            f"tables {human_bytes(point['data_dir_bytes'])}"
+            f"tables {human_bytes(point['data_dir_bytes'])}, RocksDB cache "
+            f"{human_bytes(shared.get('usage'))} of {human_bytes(shared.get('capacity'))}"
         )
     return result
 

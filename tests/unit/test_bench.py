@@ -414,3 +414,31 @@ def test_bench_config_has_one_tenant_and_key(tmp_path: Path) -> None:
     assert load_api_keys(tmp_path).tenant_for(bench.API_KEY) == bench.TENANT
     bench.write_config(tmp_path, "http://127.0.0.1:9")
     assert load_tenants(tmp_path)[bench.TENANT].tools["sink"].url == "http://127.0.0.1:9/hook"
+
+
+def test_table_metrics_are_read_back_from_the_workers_metrics_page() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from app.telemetry import Metrics
+
+    registry = CollectorRegistry()
+    figures = {"memtables": 2048, "table_readers": 15, "sst_files": 9_000_000, "keys_estimate": 42}
+    shared = {
+        "cache_capacity": 64 << 20,
+        "cache_usage": 5_000_000,
+        "cache_pinned": 1_000,
+        "write_buffers_limit": 32 << 20,
+        "write_buffers_usage": 700_000,
+    }
+    Metrics(registry).set_table_memory({"exceptions": figures}, shared)
+
+    parsed = bench.parse_table_metrics(generate_latest(registry).decode())
+
+    assert parsed["tables"] == {"exceptions": figures}
+    assert parsed["shared"] == {
+        "capacity": 64 << 20,
+        "usage": 5_000_000,
+        "pinned": 1_000,
+        "write_buffers_limit": 32 << 20,
+        "write_buffers_usage": 700_000,
+    }
