@@ -16,6 +16,7 @@ Tenant scoping is also checked here, so a worker bug cannot leak another tenant'
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Protocol
 from urllib.parse import quote
 
@@ -122,27 +123,45 @@ class WorkerReader:
     async def _get(
         self, path: str, params: dict[str, str | int], *, not_found_is_answer: bool
     ) -> Any:
-        """The JSON of the first worker that answers; a 404 is an answer only for single reads."""
-        failures: list[str] = []
-        for base in self._urls:
-            url = base + path
-            try:
-                resp = await self._client.get(url, params=params)
-            except httpx.HTTPError as exc:
-                failures.append(f"{base}: {exc or type(exc).__name__}")
-                continue
-            if resp.status_code == 404 and not_found_is_answer:
-                raise _NotFound
-            if resp.status_code != 200:
-                failures.append(f"{base}: HTTP {resp.status_code}")
-                continue
-            try:
-                return resp.json()
-            except ValueError:
-                failures.append(f"{base}: the answer is not JSON")
-        log.warning("no worker answered %s: %s", path, "; ".join(failures))
-        raise WorkerUnavailable(
-            "No Sluice worker answered the read ("
-            + ("; ".join(failures) or "SLUICE_WORKER_URLS is empty")
-            + ")."
+        return await first_answer(
+            self._client, self._urls, path, params, not_found_is_answer=not_found_is_answer
         )
+
+
+async def first_answer(
+    client: httpx.AsyncClient,
+    urls: Sequence[str],
+    path: str,
+    params: Mapping[str, str | int],
+    *,
+    accepted: Collection[int] = (200,),
+    not_found_is_answer: bool = False,
+) -> Any:
+    """The JSON of the first worker (in ``urls`` order) that answers ``GET path``.
+
+    A status in ``accepted`` is an answer; a 404 is one only when ``not_found_is_answer`` (single
+    reads), and raises :class:`_NotFound`. When no worker answers, :class:`WorkerUnavailable` says
+    which were tried and why each failed."""
+    failures: list[str] = []
+    for url in urls:
+        base = url.rstrip("/")
+        try:
+            resp = await client.get(base + path, params=dict(params))
+        except httpx.HTTPError as exc:
+            failures.append(f"{base}: {exc or type(exc).__name__}")
+            continue
+        if resp.status_code == 404 and not_found_is_answer:
+            raise _NotFound
+        if resp.status_code not in accepted:
+            failures.append(f"{base}: HTTP {resp.status_code}")
+            continue
+        try:
+            return resp.json()
+        except ValueError:
+            failures.append(f"{base}: the answer is not JSON")
+    log.warning("no worker answered %s: %s", path, "; ".join(failures))
+    raise WorkerUnavailable(
+        "No Sluice worker answered ("
+        + ("; ".join(failures) or "SLUICE_WORKER_URLS is empty")
+        + ")."
+    )

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.deps import ProducerDep, SettingsDep, TenantDep
 from api.errors import ApiProblem, unavailable
 from api.producer import OutgoingRecord
+from api.reader import WorkerUnavailable, first_answer
 from app.settings import Settings
 from app.topics import STAGES, TopicNames
 from schemas.codec import encode
@@ -80,22 +81,14 @@ class OperatorRequestAccepted(BaseModel):
 
 
 async def _worker_get(settings: Settings, path: str, params: dict[str, str]) -> Any:
-    failures = []
+    """The first worker's answer; 207 counts (a worker gathered what it could from the others)."""
     async with httpx.AsyncClient(timeout=settings.worker_read_timeout_seconds) as client:
-        for base in settings.worker_urls:
-            try:
-                resp = await client.get(base.rstrip("/") + path, params=params)
-            except httpx.HTTPError as exc:
-                failures.append(f"{base}: {exc or type(exc).__name__}")
-                continue
-            if resp.status_code in (200, 207):
-                return resp.json()
-            failures.append(f"{base}: HTTP {resp.status_code}")
-    raise unavailable(
-        "No Sluice worker answered ("
-        + ("; ".join(failures) or "SLUICE_WORKER_URLS is empty")
-        + ")."
-    )
+        try:
+            return await first_answer(
+                client, settings.worker_urls, path, params, accepted=(200, 207)
+            )
+        except WorkerUnavailable as exc:
+            raise unavailable(str(exc)) from exc
 
 
 async def _entries(
