@@ -513,75 +513,67 @@ def attribute_profile(text: str, top: int = 25) -> dict[str, Any]:
 
 def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets, each 'pass', 'miss' or 'not run', with the measured figure."""
-    targets: list[dict[str, Any]] = []
+    checks = (
+        ("pipeline >= 50% of raw relay (stretch 70%)", _throughput_target),
+        ("p99 < 100 ms at half max rate", _latency_target),
+        ("RSS flat within 10% from 100k to 1M exceptions", _rss_target),
+        ("ingest >= 5,000/s per API process (batch)", _ingest_target),
+    )
+    return [{"name": name, **(check(result) or {"status": "not run"})} for name, check in checks]
+
+
+def _throughput_target(result: dict[str, Any]) -> dict[str, Any] | None:
     raw = result.get("raw") or {}
     pipe = result.get("pipeline") or {}
-    if raw.get("records_per_s") and pipe.get("exceptions_per_s"):
-        ratio = pipe["exceptions_per_s"] / raw["records_per_s"]
-        pct = round(100 * ratio, 1)
-        status = "pass" if ratio >= 0.5 else "miss"
-        targets.append(
-            {
-                "name": "pipeline >= 50% of raw relay (stretch 70%)",
-                "measured": f"{pct}%",
-                "status": status,
-                "stretch": "pass" if ratio >= 0.7 else "miss",
-            }
-        )
-    else:
-        targets.append({"name": "pipeline >= 50% of raw relay (stretch 70%)", "status": "not run"})
+    if not (raw.get("records_per_s") and pipe.get("exceptions_per_s")):
+        return None
+    ratio = pipe["exceptions_per_s"] / raw["records_per_s"]
+    return {
+        "measured": f"{round(100 * ratio, 1)}%",
+        "status": "pass" if ratio >= 0.5 else "miss",
+        "stretch": "pass" if ratio >= 0.7 else "miss",
+    }
+
+
+def _latency_target(result: dict[str, Any]) -> dict[str, Any] | None:
     lat = result.get("latency") or {}
     p99 = (lat.get("latency") or {}).get("p99_ms")
-    if p99 is not None:
-        targets.append(
-            {
-                "name": "p99 < 100 ms at half max rate",
-                "measured": f"{p99} ms at {lat.get('target_rate')}/s",
-                "status": "pass" if p99 < 100 else "miss",
-            }
-        )
-    else:
-        targets.append({"name": "p99 < 100 ms at half max rate", "status": "not run"})
+    if p99 is None:
+        return None
+    return {
+        "measured": f"{p99} ms at {lat.get('target_rate')}/s",
+        "status": "pass" if p99 < 100 else "miss",
+    }
+
+
+def _rss_target(result: dict[str, Any]) -> dict[str, Any] | None:
     mem = result.get("memory") or {}
     points = [p for p in mem.get("checkpoints", []) if p.get("rss_bytes")]
     # the target's range starts at 100k: earlier checkpoints only show the warm-up
     from_100k = [p for p in points if p["exceptions"] >= 95_000]
     if len(from_100k) >= 2:
         points = from_100k
-    if len(points) >= 2:
-        first, last = points[0], points[-1]
-        growth = last["rss_bytes"] / first["rss_bytes"] - 1
-        covered = first["exceptions"] <= 105_000 and last["exceptions"] >= 950_000
-        # within 10 % over part of the range is not the target met: say how far it was shown
-        status = "miss" if abs(growth) > 0.10 else "pass" if covered else "partial"
-        targets.append(
-            {
-                "name": "RSS flat within 10% from 100k to 1M exceptions",
-                "measured": (
-                    f"{100 * growth:+.1f}% from {first['exceptions']:,} to "
-                    f"{last['exceptions']:,} exceptions"
-                ),
-                "status": status,
-                "range_covered": [first["exceptions"], last["exceptions"]],
-            }
-        )
-    else:
-        targets.append(
-            {"name": "RSS flat within 10% from 100k to 1M exceptions", "status": "not run"}
-        )
-    api = result.get("api") or {}
-    batch = (api.get("batch") or {}).get("exceptions_per_s")
-    if batch is not None:
-        targets.append(
-            {
-                "name": "ingest >= 5,000/s per API process (batch)",
-                "measured": f"{batch}/s",
-                "status": "pass" if batch >= 5000 else "miss",
-            }
-        )
-    else:
-        targets.append({"name": "ingest >= 5,000/s per API process (batch)", "status": "not run"})
-    return targets
+    if len(points) < 2:
+        return None
+    first, last = points[0], points[-1]
+    growth = last["rss_bytes"] / first["rss_bytes"] - 1
+    covered = first["exceptions"] <= 105_000 and last["exceptions"] >= 950_000
+    # within 10 % over part of the range is not the target met: say how far it was shown
+    return {
+        "measured": (
+            f"{100 * growth:+.1f}% from {first['exceptions']:,} to "
+            f"{last['exceptions']:,} exceptions"
+        ),
+        "status": "miss" if abs(growth) > 0.10 else "pass" if covered else "partial",
+        "range_covered": [first["exceptions"], last["exceptions"]],
+    }
+
+
+def _ingest_target(result: dict[str, Any]) -> dict[str, Any] | None:
+    batch = ((result.get("api") or {}).get("batch") or {}).get("exceptions_per_s")
+    if batch is None:
+        return None
+    return {"measured": f"{batch}/s", "status": "pass" if batch >= 5000 else "miss"}
 
 
 RESULT_KEYS = (
