@@ -249,6 +249,18 @@ class StageStatsPublic(BaseModel):
     consumer_lag: int = 0
 
 
+# StageStatsPublic's fields that sum the workers' StageStats counters (the rest are "now" figures)
+_COUNTERS = (
+    "processed",
+    "duplicates",
+    "retried",
+    "dead_lettered",
+    "parked",
+    "redriven",
+    "discarded",
+)
+
+
 class WorkerPublic(BaseModel):
     worker: str
     ready: bool
@@ -278,10 +290,8 @@ async def pipeline_stats(settings: SettingsDep, tenant: TenantDep) -> PipelineSt
         last = None
         for name, counters in w["stages"].items():
             agg = stages.setdefault(name, StageStatsPublic())
-            for field in ("processed", "duplicates", "retried", "dead_lettered", "parked"):
+            for field in _COUNTERS:
                 setattr(agg, field, getattr(agg, field) + int(counters.get(field, 0)))
-            agg.redriven += int(counters.get("redriven", 0))
-            agg.discarded += int(counters.get("discarded", 0))
             if counters.get("last_event_at"):
                 last = max(last or 0.0, float(counters["last_event_at"]))
         for name, depth in w["dlq_depth"].items():
