@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import faust
 
+from app.consumer import TRANSPORT_SCHEME
 from app.rocks import STORE_URL
 from app.settings import Settings, get_settings
 from app.topics import TopicNames
@@ -17,7 +18,11 @@ def create_app(settings: Settings) -> faust.App:
     settings.worker_dir.parent.mkdir(parents=True, exist_ok=True)
     return faust.App(
         settings.app_id,
-        broker=settings.faust_broker,
+        # Faust's aiokafka transport, with a consumer that a rebalance cannot make skip a record
+        broker=";".join(
+            f"{TRANSPORT_SCHEME}://{server}"
+            for server in settings.kafka_bootstrap_servers.split(",")
+        ),
         store=STORE_URL,  # RocksDB with one memory budget per process
         datadir=str(settings.worker_dir),
         web_host=settings.worker_web_host,

@@ -145,10 +145,6 @@ class Settings(BaseSettings):
     def worker_dir(self) -> Path:
         return self.worker_data_dir or self.state_dir / "worker"
 
-    @property
-    def faust_broker(self) -> str:
-        return ";".join(f"kafka://{s}" for s in self.kafka_bootstrap_servers.split(","))
-
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

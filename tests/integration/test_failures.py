@@ -276,19 +276,7 @@ async def test_sigkill_crashes_lose_nothing_and_call_no_tool_twice(
         {"source": "shipping", "error_type": "ShipmentStuck", "message": f"Parcel {i} stuck"}
         for i in range(total)
     ]
-    accepted: list[str] = []
-    async with httpx.AsyncClient(base_url=stack.api_url, timeout=60) as client:
-        for start in range(0, total, 200):
-            resp = await client.post(
-                "/v1/exceptions:batch",
-                json={"items": reports[start : start + 200]},
-                headers=stack.headers(),
-            )
-            assert resp.status_code == 200, resp.text
-            for item in resp.json()["results"]:
-                assert item["status_code"] == 202, item
-                accepted.append(item["exception_id"])
-    assert len(accepted) == total
+    accepted = await _post_batches(stack, reports)
 
     rng = random.Random(7)  # noqa: S311 - test timing, not security
     kills = 0
@@ -323,16 +311,102 @@ async def test_sigkill_crashes_lose_nothing_and_call_no_tool_twice(
         assert seqs == sorted(seqs)
 
 
-async def _wait_terminal(stack: Stack, ids: set[str], timeout: float) -> dict[str, str]:
+async def test_rebalances_under_load_lose_nothing_and_call_no_tool_twice(
+    stack_factory: StackFactory, mock_server: MockHTTPServer
+) -> None:
+    """Partitions move while records are buffered and in flight: a second worker joins, leaves
+    gracefully, joins again, and then the first one is killed. None of that may lose an exception
+    or repeat a tool call (app/consumer.py lists what Faust's own consumer got wrong here)."""
+    stack = await stack_factory()
+    total = 2000
+    accepted = await _post_batches(
+        stack,
+        [
+            {"source": "billing", "error_type": "InvoiceStuck", "message": f"Invoice {i} stuck"}
+            for i in range(total)
+        ],
+    )
+
+    await asyncio.sleep(1.5)
+    stack.start_worker(1)  # joins: half the partitions move to it
+    stack.wait_ready(timeout=120)
+    await asyncio.sleep(3.0)
+    assert stack.stop_worker(1, signal.SIGTERM) == 0  # leaves: they move back
+    await asyncio.sleep(2.0)
+    stack.start_worker(1)
+    stack.wait_ready(timeout=120)
+    await asyncio.sleep(2.0)
+    stack.stop_worker(0, signal.SIGKILL)  # dies: its partitions go once its session times out
+    stack.start_worker(0)
+    stack.wait_ready(timeout=120)
+
+    terminal = await _wait_terminal(stack, set(accepted), timeout=600)
+    outcomes = Counter(terminal.values())
+    assert set(outcomes) <= {"resolved", "dead_lettered"}, outcomes
+    duplicates = {k: n for k, n in mock_server.calls_by_idempotency_key().items() if n > 1}
+    assert duplicates == {}
+    for exception_id, status in terminal.items():
+        if status == "dead_lettered":
+            state = (await get(stack, f"/v1/exceptions/{exception_id}")).json()
+            assert state["quarantine"]["error_class"] == "in_doubt", state
+    # both workers hold partitions at the end
+    for i in range(2):
+        stats = httpx.get(f"{stack.worker_url(i)}/sluice/stats", params={"local": "1"}).json()
+        assert stats["assigned_partitions"] > 0, f"worker {i} holds no partitions"
+
+
+async def _post_batches(stack: Stack, reports: list[dict[str, str]]) -> list[str]:
+    """POST the reports through the batch endpoint, 200 at a time; their exception ids."""
+    accepted: list[str] = []
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=60) as client:
+        for start in range(0, len(reports), 200):
+            resp = await client.post(
+                "/v1/exceptions:batch",
+                json={"items": reports[start : start + 200]},
+                headers=stack.headers(),
+            )
+            assert resp.status_code == 200, resp.text
+            for item in resp.json()["results"]:
+                assert item["status_code"] == 202, item
+                accepted.append(item["exception_id"])
+    assert len(accepted) == len(reports)
+    return accepted
+
+
+async def _wait_terminal(
+    stack: Stack, ids: set[str], timeout: float, stalled_after: float = 180.0
+) -> dict[str, str]:
+    """Wait until every id is resolved or dead-lettered. Fails at ``timeout``, or sooner when no
+    more finished for ``stalled_after`` seconds, naming where each missing one stands."""
     deadline = time.monotonic() + timeout
     states: dict[str, str] = {}
-    while time.monotonic() < deadline:
+    done, progress_at = 0, time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - progress_at < stalled_after:
         states = await _terminal_states(stack)
         if ids <= set(states):
             return {k: v for k, v in states.items() if k in ids}
+        if len(states) > done:
+            done, progress_at = len(states), time.monotonic()
         await asyncio.sleep(2)
-    missing = len(ids - set(states))
-    raise AssertionError(f"{missing} exceptions never finished\n{stack.logs()}")
+    missing = sorted(ids - set(states))
+    where = [await _where_is(stack, exception_id) for exception_id in missing[:10]]
+    in_kafka = await stack.trace_in_kafka(missing[:10])
+    raise AssertionError(
+        f"{len(missing)} exceptions never finished: "
+        + "; ".join(where)
+        + f"\nIn Kafka:\n{in_kafka}\n{stack.logs()}"
+    )
+
+
+async def _where_is(stack: Stack, exception_id: str) -> str:
+    """One unfinished exception: its status and stage, and the history it has, for a failure."""
+    resp = await get(stack, f"/v1/exceptions/{exception_id}")
+    if resp.status_code != 200:
+        return f"{exception_id}: HTTP {resp.status_code}"
+    state = resp.json()
+    events = (await get(stack, f"/v1/exceptions/{exception_id}/events")).json()
+    history = [e["event_type"] for e in events] if isinstance(events, list) else events
+    return f"{exception_id}: {state.get('status')} at {state.get('stage')}, history {history}"
 
 
 async def _terminal_states(stack: Stack) -> dict[str, str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from app.admin import ensure_topics
 from app.kafka_local import free_port
@@ -168,6 +168,51 @@ class Stack:
         finally:
             await consumer.stop()
         return records
+
+    async def trace_in_kafka(self, keys: Iterable[str]) -> str:
+        """Where the records of these exceptions sit in Kafka, for a failure message: each stage
+        topic's records with one of these keys (partition@offset and event type), and the worker
+        group's committed offset of those partitions."""
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        wanted = {k.encode() for k in keys}
+        partitions = [TopicPartition(t, p) for t in self.topics.all() for p in range(PARTITIONS)]
+        found: list[tuple[str, int, int, bytes, str]] = []
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, enable_auto_commit=False, group_id=None
+        )
+        await consumer.start()
+        try:
+            consumer.assign(partitions)
+            await consumer.seek_to_beginning(*partitions)
+            ends = await consumer.end_offsets(partitions)
+            pending = {tp for tp, end in ends.items() if end > 0}
+            while pending:
+                batch = await consumer.getmany(*pending, timeout_ms=1000)
+                for tp, recs in batch.items():
+                    for r in recs:
+                        if r.key in wanted:
+                            kind = r.value.split(b'"event_type":"', 1)[-1].split(b'"', 1)[0]
+                            found.append((tp.topic, tp.partition, r.offset, r.key, kind.decode()))
+                for tp in list(pending):
+                    if await consumer.position(tp) >= ends[tp]:
+                        pending.discard(tp)
+        finally:
+            await consumer.stop()
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        await admin.start()
+        try:
+            committed = await admin.list_consumer_group_offsets(self.app_id)
+        finally:
+            await admin.close()
+        lines = []
+        for topic, partition, offset, key, kind in sorted(found):
+            done = {tp.partition: m.offset for tp, m in committed.items() if tp.topic == topic}
+            lines.append(
+                f"{key.decode()} {topic}[{partition}]@{offset} {kind} "
+                f"(group committed {done.get(partition)})"
+            )
+        return "\n".join(lines) or "no records with these keys"
 
     async def wait_for_state(
         self, exception_id: str, status: Iterable[str], tenant: str = "acme", timeout: float = 90.0
