@@ -288,19 +288,7 @@ async def test_sigkill_crashes_lose_nothing_and_call_no_tool_twice(
         stack.wait_ready(timeout=120)
     assert kills == 5
 
-    # Every accepted exception ends completed or in the DLQ.
-    terminal = await _wait_terminal(stack, set(accepted), timeout=600)
-    outcomes = Counter(terminal.values())
-    assert set(outcomes) <= {"resolved", "dead_lettered"}, outcomes
-    assert sum(outcomes.values()) == total
-    # No tool call was made twice with one idempotency key.
-    duplicates = {k: n for k, n in mock_server.calls_by_idempotency_key().items() if n > 1}
-    assert duplicates == {}
-    # Dead letters, if any, are in-doubt calls (a kill between call and ledger): never retried.
-    for exception_id, status in terminal.items():
-        if status == "dead_lettered":
-            state = (await get(stack, f"/v1/exceptions/{exception_id}")).json()
-            assert state["quarantine"]["error_class"] == "in_doubt", state
+    await _assert_each_finished_once(stack, mock_server, accepted)
     # Every exception's stage events are in chain order.
     sample = rng.sample(accepted, 200)
     for exception_id in sample:
@@ -340,19 +328,29 @@ async def test_rebalances_under_load_lose_nothing_and_call_no_tool_twice(
     stack.start_worker(0)
     stack.wait_ready(timeout=120)
 
+    await _assert_each_finished_once(stack, mock_server, accepted)
+    # both workers hold partitions at the end
+    for i in range(2):
+        stats = httpx.get(f"{stack.worker_url(i)}/sluice/stats", params={"local": "1"}).json()
+        assert stats["assigned_partitions"] > 0, f"worker {i} holds no partitions"
+
+
+async def _assert_each_finished_once(
+    stack: Stack, mock_server: MockHTTPServer, accepted: list[str]
+) -> None:
+    """After crashes or rebalances: every accepted exception ends resolved or dead-lettered, no
+    tool call was made twice with one idempotency key, and every dead letter is an in-doubt call
+    (a worker gone between call and ledger), never called again."""
     terminal = await _wait_terminal(stack, set(accepted), timeout=600)
     outcomes = Counter(terminal.values())
     assert set(outcomes) <= {"resolved", "dead_lettered"}, outcomes
+    assert sum(outcomes.values()) == len(accepted)
     duplicates = {k: n for k, n in mock_server.calls_by_idempotency_key().items() if n > 1}
     assert duplicates == {}
     for exception_id, status in terminal.items():
         if status == "dead_lettered":
             state = (await get(stack, f"/v1/exceptions/{exception_id}")).json()
             assert state["quarantine"]["error_class"] == "in_doubt", state
-    # both workers hold partitions at the end
-    for i in range(2):
-        stats = httpx.get(f"{stack.worker_url(i)}/sluice/stats", params={"local": "1"}).json()
-        assert stats["assigned_partitions"] > 0, f"worker {i} holds no partitions"
 
 
 async def _post_batches(stack: Stack, reports: list[dict[str, str]]) -> list[str]:

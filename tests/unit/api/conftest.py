@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +81,19 @@ async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
         transport=httpx.ASGITransport(app=app), base_url="http://sluice.test"
     ) as c:
         yield c
+
+
+@asynccontextmanager
+async def api_client(worker_urls: list[str], config_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
+    """The API, lifespan running, reading through these worker URLs."""
+    api = create_api(make_settings(config_dir, worker_urls=worker_urls))
+    async with (
+        api.router.lifespan_context(api),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=api), base_url="http://sluice.test"
+        ) as client,
+    ):
+        yield client
 
 
 def auth(tenant: str = "acme", **headers: str) -> dict[str, str]:

@@ -9,10 +9,9 @@ from typing import Any
 import httpx
 import pytest
 
-from api.main import create_api
 from app.kafka_local import free_port
 from tests.support.mock_http import MockHTTPServer
-from tests.unit.api.conftest import auth, make_settings
+from tests.unit.api.conftest import api_client, auth
 
 
 def worker(name: str, processed: int, **extra: Any) -> dict[str, Any]:
@@ -48,14 +47,7 @@ def workers() -> Iterator[MockHTTPServer]:
 @pytest.fixture
 async def client(config_dir: Path, workers: MockHTTPServer) -> AsyncIterator[httpx.AsyncClient]:
     dead = f"http://127.0.0.1:{free_port()}"  # listed first and refusing connections
-    settings = make_settings(config_dir, worker_urls=[dead, workers.url])
-    api = create_api(settings)
-    async with (
-        api.router.lifespan_context(api),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=api), base_url="http://sluice.test"
-        ) as client,
-    ):
+    async with api_client([dead, workers.url], config_dir) as client:
         yield client
 
 

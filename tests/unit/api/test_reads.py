@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,11 +19,10 @@ import pytest
 from fastapi import FastAPI
 
 from api import ingest
-from api.main import create_api
 from app.kafka_local import free_port
 from schemas.api import ExceptionCreate
 from schemas.state import ExceptionRecord, HistoryEntry, entry_of, fold
-from tests.unit.api.conftest import auth, make_settings, report
+from tests.unit.api.conftest import api_client, auth, report
 
 
 def make_record(tenant: str, exception_id: str, events: int = 1) -> ExceptionRecord:
@@ -120,23 +119,11 @@ def worker() -> Iterator[Worker]:
         yield state
 
 
-@asynccontextmanager
-async def _client_for(worker_urls: list[str], config_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
-    api = create_api(make_settings(config_dir, worker_urls=worker_urls))
-    async with (
-        api.router.lifespan_context(api),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=api), base_url="http://sluice.test"
-        ) as client,
-    ):
-        yield client
-
-
 @pytest.fixture
 async def reads(worker: Worker, config_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
     """The API with a dead worker first in SLUICE_WORKER_URLS, then the stand-in."""
     closed = f"http://127.0.0.1:{free_port()}"
-    async with _client_for([closed, worker.url], config_dir) as client:
+    async with api_client([closed, worker.url], config_dir) as client:
         yield client
 
 
@@ -265,7 +252,7 @@ async def test_a_worker_answering_an_error_is_skipped_for_the_next(
     worker.records["exc-1"] = make_record("acme", "exc-1")
     with stand_in_worker() as failing:
         failing.status = 500
-        async with _client_for([failing.url, worker.url], config_dir) as client:
+        async with api_client([failing.url, worker.url], config_dir) as client:
             resp = await client.get("/v1/exceptions/exc-1", headers=auth("acme"))
             assert resp.status_code == 200
             assert len(failing.requests) == len(worker.requests) == 1
@@ -276,7 +263,7 @@ async def test_a_worker_answering_an_error_is_skipped_for_the_next(
 
 async def test_no_worker_answering_is_503_with_retry_after(config_dir: Path) -> None:
     dead = [f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"]
-    async with _client_for(dead, config_dir) as client:
+    async with api_client(dead, config_dir) as client:
         for path in ("/v1/exceptions/exc-1", "/v1/exceptions/exc-1/events", "/v1/exceptions"):
             resp = await client.get(path, headers=auth("acme"))
             assert resp.status_code == 503, path
