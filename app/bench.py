@@ -47,10 +47,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
 import typer
+
+if TYPE_CHECKING:
+    import httpx
 
 SCHEMA = "sluice-bench/1"
 HOPS = 6
@@ -1377,27 +1380,31 @@ def start_worker(ctx: BenchContext) -> Proc:
     return proc
 
 
-def worker_table_memory(ctx: BenchContext) -> dict[str, Any] | None:
-    """What the worker's RocksDB reports (its /metrics), None if the worker does not answer."""
+def _worker_get(ctx: BenchContext, path: str, timeout: float) -> httpx.Response | None:
+    """GET ``path`` from the bench's worker: the response, or None if it did not answer."""
     import httpx
 
     try:
-        resp = httpx.get(f"http://127.0.0.1:{ctx.worker_port}/metrics", timeout=10)
-        resp.raise_for_status()
+        return httpx.get(f"http://127.0.0.1:{ctx.worker_port}{path}", timeout=timeout)
     except httpx.HTTPError:
+        return None
+
+
+def worker_table_memory(ctx: BenchContext) -> dict[str, Any] | None:
+    """What the worker's RocksDB reports (its /metrics), None if the worker does not answer."""
+    resp = _worker_get(ctx, "/metrics", timeout=10)
+    if resp is None or resp.status_code != 200:
         return None
     return parse_table_metrics(resp.text)
 
 
 def worker_stats(ctx: BenchContext) -> dict[str, Any] | None:
-    import httpx
-
+    resp = _worker_get(ctx, "/sluice/stats", timeout=5)
     try:
-        resp = httpx.get(f"http://127.0.0.1:{ctx.worker_port}/sluice/stats", timeout=5)
-        data: dict[str, Any] = resp.json()
-        return data
-    except (httpx.HTTPError, ValueError):
+        data: dict[str, Any] | None = None if resp is None else resp.json()
+    except ValueError:
         return None
+    return data
 
 
 @dataclass
