@@ -32,7 +32,7 @@ The broker URL scheme ``sluice://`` (registered below) selects this transport.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from faust.transport.drivers import TRANSPORTS
@@ -45,7 +45,7 @@ TRANSPORTS.aliases[TRANSPORT_SCHEME] = "app.consumer:Transport"
 log = logging.getLogger("sluice.consumer")
 
 
-def uncommitted(committed: Mapping[Any, int | None], is_source: Any) -> list[Any]:
+def uncommitted(committed: Mapping[Any, int | None], is_source: Callable[[str], bool]) -> list[Any]:
     """The partitions of ``committed`` (as seek_to_committed returns it) that aiokafka did not
     seek: no committed offset, or 0; only those ``is_source(topic)`` accepts."""
     return [tp for tp, offset in committed.items() if not offset and is_source(tp.topic)]

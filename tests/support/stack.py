@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from app.admin import ensure_topics
@@ -192,8 +193,8 @@ class Stack:
                 for tp, recs in batch.items():
                     for r in recs:
                         if r.key in wanted:
-                            kind = r.value.split(b'"event_type":"', 1)[-1].split(b'"', 1)[0]
-                            found.append((tp.topic, tp.partition, r.offset, r.key, kind.decode()))
+                            kind = _event_type(r.value)
+                            found.append((tp.topic, tp.partition, r.offset, r.key, kind))
                 for tp in list(pending):
                     if await consumer.position(tp) >= ends[tp]:
                         pending.discard(tp)
@@ -231,3 +232,11 @@ class Stack:
                     return body
                 await asyncio.sleep(0.3)
         raise AssertionError(f"{exception_id} never reached {wanted}: last {last}\n{self.logs()}")
+
+
+def _event_type(value: bytes | None) -> str:
+    """A record's event type, or why it has none (a poison record is data to report, not fail on)."""
+    try:
+        return str(orjson.loads(value or b"")["event_type"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return "(not an event)"
