@@ -382,7 +382,7 @@ ACTIVITIES: list[tuple[str, tuple[str, ...]]] = [
     ("tables: rocksdict get/set", ("faust/stores/rocksdb.py", "rocksdict")),
     ("tables: changelog + bookkeeping", ("faust/tables/",)),
     ("stage logic (agents/*)", ("agents/", "schemas/state.py")),
-    ("send + wait for ack", ("send_all (app/pipeline.py", "faust/topics.py")),
+    ("send + wait for ack", ("send_outgoing (app/pipeline.py", "faust/topics.py")),
     ("faust stream/ack machinery", ("faust/streams.py", "faust/channels.py", "faust/agents/")),
     ("faust consumer/commit/conductor", ("faust/transport/",)),
     ("aiokafka fetch/parse", ("aiokafka/consumer/", "aiokafka/record/")),

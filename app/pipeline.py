@@ -1,8 +1,9 @@
 """The Faust shell around the pure stages: topics, tables and one thin agent per stage.
 
-Every agent runs the same loop (:class:`StageRunner`): decode the record, drop an input event id the
-stage has already processed, call the stage's pure function (agents/*.py), send the output events and
-wait for the broker's ack, and only then mark the input as processed. That order is what makes
+Every agent runs the same loop (:class:`StageRunner`) over a batch of the records already fetched:
+for each record, decode it, drop an input event id the stage has already processed and call the
+stage's pure function (agents/*.py); then send the batch's output events and wait for the broker's
+ack of every one, and only then mark the inputs as processed and ack them. That order is what makes
 at-least-once delivery plus idempotency tables effectively-once:
 
 - a crash before the outputs are acked leaves the input unmarked and uncommitted, so it is processed
@@ -28,8 +29,10 @@ import random
 import time
 import traceback
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
@@ -37,8 +40,9 @@ from typing import Any, TypeVar, cast
 import faust
 import httpx
 import orjson
-from faust.types import TableT
+from faust.streams import _current_event, current_event
 from mode import BaseSignalT
+from opentelemetry.context import Context
 
 from agents.intake import FingerprintGroup, group, group_key, intake
 from agents.llm import LLMClassifier
@@ -178,21 +182,49 @@ def _rocksdb(**extra: Any) -> dict[str, Any]:
     }
 
 
-def _expiring_table(name: str, table_cls: type[faust.Table] | None = None) -> Any:
-    """An expiring str -> bytes table; ``table_cls`` swaps in a Table subclass (the ledger's)."""
-    kwargs: dict[str, Any] = {
-        "key_type": str,
-        "value_type": bytes,
-        "options": _rocksdb(ttl=settings.processed_ttl_seconds),
-        "extra_topic_configs": _EXPIRING,
-    }
-    if table_cls is None:
-        return app.Table(name, **kwargs)
-    return app.tables.add(table_cls(app, name=name, beacon=app.tables.beacon, **kwargs))
+# The changelog writes of the batch a stage is processing (each agent runs in its own task, so each
+# sees its own list). A batch is acked only once all of them are acknowledged by Kafka: Faust's own
+# flush before an offset commit gives up after 0.1 s without a send (ProducerBuffer.flush_atmost), so
+# a commit could pass an input whose table write never reached the changelog, and after a crash the
+# recovery from the changelog would then bring back the value before that write.
+_batch_writes: ContextVar[list[asyncio.Future[Any]] | None] = ContextVar(
+    "sluice_batch_writes", default=None
+)
 
 
-def _table(name: str, key_type: type = str) -> TableT[Any, Any]:
-    return app.Table(name, key_type=key_type, value_type=bytes, options=_rocksdb())
+class AckedTable(faust.Table):
+    """A table whose changelog writes can be awaited: those of the current batch (see
+    :data:`_batch_writes`), and the latest one (the tool ledger's in-flight marker must be
+    acknowledged by Kafka before the tool is called, or a crash could forget the call)."""
+
+    last_write: asyncio.Future[Any] | None = None
+
+    def send_changelog(self, *args: Any, **kwargs: Any) -> Any:
+        fut = super().send_changelog(*args, **kwargs)
+        self.last_write = fut
+        writes = _batch_writes.get()
+        if writes is not None:
+            writes.append(fut)
+        return fut
+
+
+def _add(name: str, **kwargs: Any) -> Any:
+    return app.tables.add(AckedTable(app, name=name, beacon=app.tables.beacon, **kwargs))
+
+
+def _expiring_table(name: str) -> Any:
+    """An expiring str -> bytes table."""
+    return _add(
+        name,
+        key_type=str,
+        value_type=bytes,
+        options=_rocksdb(ttl=settings.processed_ttl_seconds),
+        extra_topic_configs=_EXPIRING,
+    )
+
+
+def _table(name: str, key_type: type = str) -> Any:
+    return _add(name, key_type=key_type, value_type=bytes, options=_rocksdb())
 
 
 exceptions_table = _table("exceptions", key_type=bytes)  # exception id -> ExceptionRecord JSON
@@ -200,20 +232,8 @@ fingerprints_table = _table("exception-fingerprints")  # exception id -> fingerp
 groups_table = _expiring_table("fingerprint-groups")  # tenant:fingerprint -> group + recent outputs
 
 
-class AckedTable(faust.Table):
-    """A table whose latest changelog write can be awaited: the tool ledger's in-flight marker must
-    be acknowledged by Kafka before the tool is called, or a crash could forget the call."""
-
-    last_write: asyncio.Future[Any] | None = None
-
-    def send_changelog(self, *args: Any, **kwargs: Any) -> Any:
-        fut = super().send_changelog(*args, **kwargs)
-        self.last_write = fut
-        return fut
-
-
 # idempotency key -> StepResult or an in-flight marker
-ledger_table = _expiring_table("tool-ledger", AckedTable)
+ledger_table = _expiring_table("tool-ledger")
 quarantine_table = _table("quarantine")  # <stage>:<exception id> -> dead letter + parked items
 
 
@@ -328,6 +348,24 @@ class DeadLetter(Exception):
         self.attempts = attempts
 
 
+Outgoing = tuple[faust.TopicT, bytes | None, bytes | None, Context | None]
+
+
+@dataclass
+class _Pending:
+    """A batch's outputs (with the trace context of the span that made each) and the input event
+    ids to mark processed once every output is acked."""
+
+    outgoing: list[Outgoing] = field(default_factory=list)
+    marks: list[tuple[faust.EventT, str]] = field(default_factory=list)
+    ids: set[str] = field(default_factory=set)
+
+    def add(self, outgoing: list[Outgoing], record: faust.EventT, event_id: str) -> None:
+        self.outgoing.extend(outgoing)
+        self.marks.append((record, event_id))
+        self.ids.add(event_id)
+
+
 @dataclass
 class StageRunner:
     """The loop every stage agent runs; see the module docstring for the order of its steps.
@@ -345,35 +383,108 @@ class StageRunner:
     processed: ProcessedStore
     dlq: faust.TopicT
     stats: StageStats = field(default_factory=StageStats)
+    on_flush: Callable[[], None] | None = None  # the projection writes its folded records here
+    on_discard: Callable[[], None] | None = None  # ... and forgets them here
+    _pending: _Pending = field(default_factory=lambda: _Pending(), init=False, repr=False)
 
     def __post_init__(self) -> None:
         STATS[self.name] = self.stats
 
     async def run(self, stream: faust.StreamT[bytes]) -> None:
-        # Acks are manual: an event is acked only if no rebalance happened while it was being
+        # Records are taken in batches: whatever is already fetched (up to worker_batch_max) is
+        # processed in order, the batch's outputs are sent together and their acks awaited once,
+        # and only then are the inputs marked processed and acked. A lone record is not held back
+        # waiting for company: the batch ends as soon as nothing more is buffered.
+        #
+        # Acks are manual: a batch is acked only if no rebalance happened while it was taken or
         # processed. Faust clears its buffers on a rebalance, and an ack arriving after that could
         # let it commit past the cleared (never processed) events of a partition whose committed
-        # offset it has not recorded yet; unacked, the event is simply delivered again.
+        # offset it has not recorded yet; unacked, the events are simply delivered again.
+        buffered = getattr(getattr(stream, "channel", None), "queue", None)
+        batch: list[faust.EventT] = []
+        generation = rebalances.count
         async for record in cast(Any, stream).noack().events():
+            if not batch:
+                generation = rebalances.count
+            batch.append(record)
+            more = buffered is not None and not buffered.empty()
+            if more and len(batch) < settings.worker_batch_max:
+                continue
+            records, batch = batch, []
             if drain.draining:
-                await drain.stopped.wait()  # shutting down: leave it unacked for redelivery
-            generation = rebalances.count
+                await drain.stopped.wait()  # shutting down: leave them unacked for redelivery
+            # A batch taken across a rebalance is not acked: its records are fetched again from
+            # the committed offsets (app/consumer.py) by whichever worker owns them now.
             drain.in_flight += 1
             try:
-                item = Item.of(record)
-                with item.span(self.name) as span:
-                    await self.handle(item, span=span)
+                await self.process(records, generation)
                 if rebalances.count == generation:
-                    record.ack()
+                    for taken in records:
+                        taken.ack()
             finally:
                 drain.in_flight -= 1
                 if drain.in_flight == 0:
                     drain.idle.set()
 
+    async def process(self, records: list[faust.EventT], generation: int) -> None:
+        """Handle a batch of records in order, then send its outputs and write its marks.
+
+        A rebalance during the batch ends it early: the rest of its records may belong to another
+        worker by now, which fetches them again, and handling them here as well would widen the
+        window in which both call the same tool."""
+        self._pending = _Pending()
+        token = _batch_writes.set([])
+        try:
+            for record in records:
+                if rebalances.count != generation:
+                    break
+                # Table writes go to the changelog partition of the event being handled.
+                _current_event.set(weakref.ref(record))
+                item = Item.of(record)
+                with item.span(self.name) as span:
+                    await self.handle(item, span=span, batched=True)
+            await self.flush()
+        except BaseException:
+            # Nothing of an unfinished batch is kept: its records are unacked and come again.
+            self._pending = _Pending()
+            if self.on_discard is not None:
+                self.on_discard()
+            raise
+        finally:
+            _batch_writes.reset(token)
+
+    async def flush(self) -> None:
+        """Send the pending outputs, wait for every ack, then mark their inputs processed, and wait
+        until Kafka has acknowledged every table write made so far (marks included).
+
+        Called at the end of a batch, and before anything that sends on its own (a dead letter, a
+        parked event, an operator's request), so what an exception emits stays in order."""
+        pending, self._pending = self._pending, _Pending()
+        if pending.outgoing:
+            await send_outgoing(pending.outgoing)
+        at = now()
+        for record, event_id in pending.marks:
+            _current_event.set(weakref.ref(record))
+            self.processed.mark(event_id, at)
+        if self.on_flush is not None:
+            self.on_flush()
+        writes = _batch_writes.get()
+        if writes:
+            written = list(writes)
+            writes.clear()
+            await asyncio.gather(*written)
+        if pending.marks:
+            self.stats.processed += len(pending.marks)
+            self.stats.emitted += len(pending.outgoing)
+            self.stats.last_event_at = time.time()
+
     # -- the per-item path ----------------------------------------------------------------------
 
-    async def handle(self, item: Item, span: SpanHandle, redriven: bool = False) -> bool:
-        """Process one item; False when it was dead-lettered or parked instead."""
+    async def handle(
+        self, item: Item, span: SpanHandle, redriven: bool = False, batched: bool = False
+    ) -> bool:
+        """Process one item; False when it was dead-lettered or parked instead. ``batched`` leaves
+        its outputs and its processed mark to :meth:`flush`; otherwise they are done here."""
         started = time.perf_counter()
         try:
             event = decode(item.value)
@@ -407,7 +518,8 @@ class StageRunner:
                 return False
             await self.park(qid, item, event, span)
             return False
-        if self.processed.seen(str(event.event_id)):
+        event_id = str(event.event_id)
+        if event_id in self._pending.ids or self.processed.seen(event_id):
             self.stats.duplicates += 1
             metrics.duplicate(self.name)
             span.set_outcome("duplicate")
@@ -417,11 +529,19 @@ class StageRunner:
         except DeadLetter as dead:
             await self.dead_letter(qid, item, event, dead, span)
             return False
-        await send_all([(topic, key, encode(out)) for topic, key, out in outputs])
-        self.processed.mark(str(event.event_id), now())
-        self.stats.processed += 1
-        self.stats.emitted += len(outputs)
-        self.stats.last_event_at = time.time()
+        parent = span.context if span.recording else None
+        outgoing: list[Outgoing] = [
+            (topic, key, encode(out), parent) for topic, key, out in outputs
+        ]
+        record = current_event()
+        if batched and record is not None:
+            self._pending.add(outgoing, record, event_id)
+        else:
+            await send_outgoing(outgoing)
+            self.processed.mark(event_id, now())
+            self.stats.processed += 1
+            self.stats.emitted += len(outputs)
+            self.stats.last_event_at = time.time()
         metrics.processed(self.name, time.perf_counter() - started)
         span.set_outcome("processed")
         return True
@@ -473,6 +593,7 @@ class StageRunner:
         dead: DeadLetter,
         span: SpanHandle,
     ) -> None:
+        await self.flush()
         at = now().isoformat()
         attempts = item.attempts + dead.attempts
         first = item.first_failure_at or at
@@ -556,6 +677,7 @@ class StageRunner:
         )
 
     async def park(self, qid: str, item: Item, event: EventBase | None, span: SpanHandle) -> None:
+        await self.flush()
         q = self._quarantine(qid)
         assert q is not None  # noqa: S101 - callers checked
         q["parked"].append({**item.to_json(), "event_id": str(event.event_id) if event else None})
@@ -578,6 +700,7 @@ class StageRunner:
         self, request: ExceptionRedriveRequested | ExceptionDiscardRequested, span: SpanHandle
     ) -> None:
         """Redrive or discard: replay the quarantine in order, then lift it."""
+        await self.flush()
         if self.processed.seen(str(request.event_id)):
             self.stats.duplicates += 1
             return
@@ -693,10 +816,21 @@ async def send_all(
     items: list[tuple[faust.TopicT, bytes | None, bytes | None]],
     headers: list[tuple[str, bytes]] | None = None,
 ) -> None:
-    """Send and wait for the broker's ack of every item; retry until it succeeds.
+    """Send and wait for the broker's ack of every item (see :func:`send_outgoing`); the send spans
+    are children of the current span."""
+    await send_outgoing([(topic, key, value, None) for topic, key, value in items], headers)
 
-    ``force=True`` bypasses Faust's attachments (which would publish only when the input is acked,
-    after our idempotency mark, and so could lose the output on a crash).
+
+async def send_outgoing(
+    items: list[Outgoing], headers: list[tuple[str, bytes]] | None = None
+) -> None:
+    """Send every item, then wait for the broker's ack of each; retry until all succeed.
+
+    Each item's send span is a child of its own context (the span of the input that produced it),
+    or of the current span when that is None. ``force=True`` bypasses Faust's attachments (which
+    would publish only when the input is acked, after our idempotency mark, and so could lose the
+    output on a crash). A retry resends the whole list: the duplicates carry the same event ids and
+    the next stage drops them.
     """
     if not items:
         return
@@ -704,8 +838,8 @@ async def send_all(
     while True:
         try:
             futures = []
-            for topic, key, value in items:
-                sending = start_send_span(topic.get_topic_name(), key)
+            for topic, key, value, parent in items:
+                sending = start_send_span(topic.get_topic_name(), key, context=parent)
                 fut = asyncio.ensure_future(
                     await topic.send(
                         key=key, value=value, headers=sending.inject(headers or []), force=True
@@ -745,13 +879,21 @@ class _Unrecorded:
         return 0
 
 
-def _runner(name: str, handler: Handler, record_processed: bool = True) -> StageRunner:
+def _runner(
+    name: str,
+    handler: Handler,
+    record_processed: bool = True,
+    on_flush: Callable[[], None] | None = None,
+    on_discard: Callable[[], None] | None = None,
+) -> StageRunner:
     processed: Any = (
         MappingProcessedStore(_expiring_table(f"processed-{name}"))
         if record_processed
         else _Unrecorded()
     )
-    return StageRunner(name, handler, processed, _topic(topics.dlq(name)))
+    return StageRunner(
+        name, handler, processed, _topic(topics.dlq(name)), on_flush=on_flush, on_discard=on_discard
+    )
 
 
 # -------------------------------------------------------------------------------------- handlers
@@ -889,10 +1031,39 @@ async def handle_tool(event: Event, redriven: bool = False) -> list[Output]:
     return [(completed_topic, out.exception_id.encode(), out)]
 
 
+class _Folded:
+    """The projection's records folded in the current batch: each exception's record is read and
+    validated once per batch, every event of the batch applied to it in memory, and the result
+    written once when the batch is flushed (under the last event that changed it, whose partition
+    is the exception's). Nothing is acked before the write, so a crash loses no event: the batch is
+    redelivered and the fold ignores the event ids a record already holds."""
+
+    def __init__(self) -> None:
+        self.records: dict[bytes, tuple[ExceptionRecord, faust.EventT | None]] = {}
+
+    def get(self, key: bytes) -> ExceptionRecord | None:
+        if key in self.records:
+            return self.records[key][0]
+        raw = exceptions_table.get(key)
+        return ExceptionRecord.model_validate_json(raw) if raw else None
+
+    def put(self, key: bytes, record: ExceptionRecord) -> None:
+        self.records[key] = (record, current_event())
+
+    def write(self) -> None:
+        for key, (record, event) in self.records.items():
+            if event is not None:
+                _current_event.set(weakref.ref(event))
+            exceptions_table[key] = record.model_dump_json().encode()
+        self.records.clear()
+
+
+folded = _Folded()
+
+
 async def handle_projection(event: Event, redriven: bool = False) -> list[Output]:
     key = event.exception_id.encode()
-    raw = exceptions_table.get(key)
-    record = ExceptionRecord.model_validate_json(raw) if raw else None
+    record = folded.get(key)
     if record is not None and record.state.tenant_id != event.tenant_id:
         raise StageError(
             f"event {event.event_id} claims tenant {event.tenant_id!r} for exception "
@@ -900,7 +1071,7 @@ async def handle_projection(event: Event, redriven: bool = False) -> list[Output
         )
     updated = apply(record, event)
     if updated is not None:
-        exceptions_table[key] = updated.model_dump_json().encode()
+        folded.put(key, updated)
         if isinstance(event, ExceptionCompleted):
             metrics.end_to_end((event.occurred_at - updated.state.received_at).total_seconds())
     return []
@@ -914,7 +1085,13 @@ triage_runner = _runner("triage", handle_triage)
 policy_runner = _runner("policy", handle_policy)
 playbook_runner = _runner("playbook", handle_playbook)
 tool_runner = _runner("tool", handle_tool)
-projection_runner = _runner("projection", handle_projection, record_processed=False)
+projection_runner = _runner(
+    "projection",
+    handle_projection,
+    record_processed=False,
+    on_flush=folded.write,
+    on_discard=folded.records.clear,
+)
 
 
 @app.agent(ingested_topic, concurrency=1)

@@ -84,6 +84,13 @@ class Settings(BaseSettings):
         le=600,
         description="On SIGTERM/SIGINT, how long a worker waits for the events in flight to finish.",
     )
+    worker_batch_max: int = Field(
+        default=200,
+        ge=1,
+        le=10_000,
+        description="Most records a stage takes at once: the records already fetched are processed "
+        "together, their outputs sent together and their acks awaited once.",
+    )
     producer_linger_ms: float = Field(
         default=0.0,
         ge=0,
