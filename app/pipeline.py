@@ -52,7 +52,7 @@ from agents.tool import RetryPolicy, backoff_delay, execute
 from agents.tools import Tool, ToolError, build_tools
 from agents.triage import triage
 from app.faust_app import app, settings, topics
-from app.stores import MappingLedger, MappingProcessedStore, ProcessedStore
+from app.stores import Decoded, MappingLedger, MappingProcessedStore, ProcessedStore
 from app.telemetry import (
     SpanHandle,
     dead_letter_event,
@@ -789,7 +789,8 @@ async def drain_in_flight(within: float) -> bool:
 
 
 class _Rebalances:
-    """Counts partition revocations and assignments, to tell whether one happened meanwhile."""
+    """Counts partition revocations, assignments and completed table recoveries, to tell whether
+    one happened meanwhile."""
 
     count = 0
 
@@ -803,6 +804,11 @@ async def _on_rebalance(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) 
 
 app.on_partitions_revoked.connect(_on_rebalance)
 app.on_partitions_assigned.connect(_on_rebalance)
+app.on_rebalance_complete.connect(_on_rebalance)
+
+
+def _rebalance_count() -> int:
+    return rebalances.count
 
 
 def _where(item: Item) -> str:
@@ -910,6 +916,10 @@ async def handle_intake(event: Event, redriven: bool = False) -> list[Output]:
 
 
 _RECENT_OUTPUTS = 32
+# tenant:fingerprint -> the group table's value, decoded
+decoded_groups: Decoded[str, dict[str, Any]] = Decoded(
+    settings.worker_decoded_cache, _rebalance_count
+)
 
 
 async def handle_group(event: Event, redriven: bool = False) -> list[Output]:
@@ -919,8 +929,10 @@ async def handle_group(event: Event, redriven: bool = False) -> list[Output]:
     fingerprinted = expect(event, ExceptionFingerprinted, "group")
     config = tenant(fingerprinted)
     key = group_key(fingerprinted)
-    raw = groups_table.get(key)
-    stored: dict[str, Any] = orjson.loads(raw) if raw else {"group": None, "recent": {}}
+    stored = decoded_groups.get(key)
+    if stored is None:
+        raw = groups_table.get(key)
+        stored = orjson.loads(raw) if raw else {"group": None, "recent": {}}
     eid = str(fingerprinted.event_id)
     if eid in stored["recent"]:
         accepted = ExceptionAccepted.model_validate(stored["recent"][eid])
@@ -932,9 +944,9 @@ async def handle_group(event: Event, redriven: bool = False) -> list[Output]:
         recent = {**stored["recent"], eid: accepted.model_dump(mode="json")}
         while len(recent) > _RECENT_OUTPUTS:
             recent.pop(next(iter(recent)))
-        groups_table[key] = orjson.dumps(
-            {"group": new_state.model_dump(mode="json"), "recent": recent}
-        )
+        stored = {"group": new_state.model_dump(mode="json"), "recent": recent}
+        groups_table[key] = orjson.dumps(stored)
+    decoded_groups.put(key, stored)
     return [(accepted_topic, accepted.exception_id.encode(), accepted)]
 
 
@@ -1040,10 +1052,16 @@ class _Folded:
 
     def __init__(self) -> None:
         self.records: dict[bytes, tuple[ExceptionRecord, faust.EventT | None]] = {}
+        self.written: Decoded[bytes, ExceptionRecord] = Decoded(
+            settings.worker_decoded_cache, _rebalance_count
+        )
 
     def get(self, key: bytes) -> ExceptionRecord | None:
         if key in self.records:
             return self.records[key][0]
+        record = self.written.get(key)
+        if record is not None:
+            return record
         raw = exceptions_table.get(key)
         return ExceptionRecord.model_validate_json(raw) if raw else None
 
@@ -1055,6 +1073,7 @@ class _Folded:
             if event is not None:
                 _current_event.set(weakref.ref(event))
             exceptions_table[key] = record.model_dump_json().encode()
+            self.written.put(key, record)
         self.records.clear()
 
 

@@ -91,6 +91,13 @@ class Settings(BaseSettings):
         description="Most records a stage takes at once: the records already fetched are processed "
         "together, their outputs sent together and their acks awaited once.",
     )
+    worker_decoded_cache: int = Field(
+        default=1024,
+        ge=0,
+        le=1_000_000,
+        description="Recently written values that the projection and the group stage keep decoded "
+        "(per table), so a record is not parsed again for each of its events; 0 turns it off.",
+    )
     producer_linger_ms: float = Field(
         default=0.0,
         ge=0,

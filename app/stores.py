@@ -12,9 +12,10 @@ MutableMapping) in the worker. Values are compact orjson documents that keep the
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import orjson
 from pydantic import ValidationError
@@ -156,3 +157,45 @@ class MappingLedger:
 
 def _ledger_stamp(raw: bytes) -> float:
     return float(orjson.loads(raw)["t"])
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class Decoded(Generic[K, V]):
+    """The latest values one agent wrote to a table that it alone writes, kept decoded (up to
+    ``size``, least recently used out first), so that reading one back does not parse it again.
+
+    Only that agent's writes change the table while its partitions stay put. A rebalance, or the
+    table recovery after it, may bring in other values from the changelog, so everything is
+    dropped whenever ``generation()`` (the worker's count of those) has moved on."""
+
+    def __init__(self, size: int, generation: Callable[[], int]) -> None:
+        self.size = size
+        self.generation = generation
+        self.values: OrderedDict[K, V] = OrderedDict()
+        self.seen_generation = generation()
+
+    def _current(self) -> OrderedDict[K, V]:
+        now = self.generation()
+        if now != self.seen_generation:
+            self.values.clear()
+            self.seen_generation = now
+        return self.values
+
+    def get(self, key: K) -> V | None:
+        values = self._current()
+        value = values.get(key)
+        if value is not None:
+            values.move_to_end(key)
+        return value
+
+    def put(self, key: K, value: V) -> None:
+        if self.size <= 0:
+            return
+        values = self._current()
+        values[key] = value
+        values.move_to_end(key)
+        while len(values) > self.size:
+            values.popitem(last=False)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from rocksdict import Rdict
 
-from app.stores import MappingLedger, MappingProcessedStore
+from app.stores import Decoded, MappingLedger, MappingProcessedStore
 from schemas.events import StepResult
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -176,3 +176,33 @@ def test_ledger_in_flight_marker_lifecycle(backend: Backend) -> None:
     ledger.abandon("k2")
     assert not ledger.in_flight("k2")
     assert ledger.get("k2") is None
+
+
+def test_decoded_values_are_kept_up_to_the_size_least_recently_used_out_first() -> None:
+    decoded: Decoded[str, dict[str, int]] = Decoded(2, lambda: 0)
+    decoded.put("a", {"n": 1})
+    decoded.put("b", {"n": 2})
+    assert decoded.get("a") == {"n": 1}  # "a" is now the most recently used
+    decoded.put("c", {"n": 3})
+
+    assert decoded.get("b") is None
+    assert decoded.get("a") == {"n": 1}
+    assert decoded.get("c") == {"n": 3}
+
+
+def test_decoded_values_are_dropped_when_partitions_move() -> None:
+    generation = [0]
+    decoded: Decoded[str, str] = Decoded(10, lambda: generation[0])
+    decoded.put("exception-1", "before the rebalance")
+
+    generation[0] += 1  # a rebalance: recovery may have written another value into the table
+
+    assert decoded.get("exception-1") is None
+    decoded.put("exception-1", "after")
+    assert decoded.get("exception-1") == "after"
+
+
+def test_a_decoded_cache_of_size_zero_keeps_nothing() -> None:
+    decoded: Decoded[str, str] = Decoded(0, lambda: 0)
+    decoded.put("a", "x")
+    assert decoded.get("a") is None
