@@ -11,7 +11,7 @@ from faust.stores.rocksdb import RocksDBOptions
 from pydantic import ValidationError
 from rocksdict import Rdict
 
-from app.rocks import MiB, SharedMemoryOptions, shared_memory
+from app.rocks import AtMostEvery, MiB, SharedMemoryOptions, shared_memory
 from app.settings import Settings, get_settings
 
 OPTIONS: dict[str, Any] = {
@@ -86,3 +86,16 @@ def test_a_memtable_budget_as_large_as_the_cache_is_refused(
     monkeypatch.setenv("SLUICE_TABLE_WRITE_BUFFERS_MIB", "32")
     with pytest.raises(ValidationError, match="SLUICE_TABLE_WRITE_BUFFERS_MIB must be less than"):
         Settings()
+
+
+def test_persisted_offsets_are_written_at_most_once_per_interval_per_partition() -> None:
+    now = [100.0]
+    writes = AtMostEvery(1.0, clock=lambda: now[0])
+
+    assert writes.due("changelog-0")  # the first write of a partition always goes through
+    assert writes.due("changelog-1")  # each partition on its own
+    now[0] += 0.4
+    assert not writes.due("changelog-0")
+    now[0] += 0.6
+    assert writes.due("changelog-0")
+    assert not writes.due("changelog-0")
