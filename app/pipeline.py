@@ -410,7 +410,6 @@ class StageRunner:
         # offset it has not recorded yet; unacked, the events are simply delivered again.
         buffered = getattr(getattr(stream, "channel", None), "queue", None)
         batch: list[faust.EventT] = []
-        generation = rebalances.count
         async for record in cast(Any, stream).noack().events():
             if not batch:
                 generation = rebalances.count
