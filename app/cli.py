@@ -513,7 +513,18 @@ def stats(api_url: ApiUrl = "http://127.0.0.1:8000", api_key: ApiKey = "") -> No
 
 
 def main() -> None:
-    cli()
+    from pydantic import ValidationError
+
+    try:
+        cli()
+    except ValidationError as exc:
+        if exc.title != "Settings":
+            raise
+        # A SLUICE_* variable out of its bounds: name it and the reason, not a traceback.
+        for error in exc.errors():
+            name = "SLUICE_" + "_".join(str(part) for part in error["loc"]).upper()
+            typer.echo(f"Invalid setting {name}={error.get('input')!r}: {error['msg']}", err=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
