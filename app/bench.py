@@ -11,6 +11,8 @@ b. **pipeline**: a real ``sluice worker`` subprocess with every guarantee on (id
    tool ledger, acked sends before the mark, projection). N events are produced to the ingested topic
    as fast as possible; exceptions/s runs from the first produce to the last ``ExceptionCompleted``
    seen on the completed topic. Tools are ``noop`` (or a loopback HTTP sink with ``--tools http``).
+   ``--workers N`` runs b, c and f against N worker processes of the same app id (each with its own
+   port, table folder and log): their CPU and RSS are summed, py-spy samples worker 1.
 c. **latency** at a fixed rate (default half of b): per exception, the time from the produce ack to
    the moment a consumer of the completed topic sees it; p50/p95/p99/max, the worker's CPU seconds
    (``/proc/<pid>/stat``) and RSS (``/proc/<pid>/status``); with py-spy on PATH (or ``--py-spy``),
@@ -194,6 +196,19 @@ def memory_of(pid: int) -> dict[str, int | None]:
     return {"rss_bytes": parse_proc_status(text, "VmRSS"), "hwm_bytes": parse_proc_status(text)}
 
 
+def sum_memory(per_process: Sequence[dict[str, Any]]) -> dict[str, int | None]:
+    """RSS and peak RSS (VmHWM) added up over processes; None where one process's figure is missing.
+    The HWM sum adds each process's own peak: an upper bound of the peak of the sum."""
+    return {
+        key: _sum_known([m.get(key) for m in per_process]) for key in ("rss_bytes", "hwm_bytes")
+    }
+
+
+def _sum_known(values: Sequence[int | None]) -> int | None:
+    known = [v for v in values if v is not None]
+    return sum(known) if known and len(known) == len(values) else None
+
+
 def disk_usage(path: Path) -> int:
     """Bytes allocated under ``path`` (like ``du -s``, in 512-byte blocks), 0 if it is missing."""
     total = 0
@@ -214,6 +229,14 @@ def table_sizes(path: Path) -> dict[str, int]:
     return sizes
 
 
+def sum_counts(parts: Iterable[dict[str, int]]) -> dict[str, int]:
+    """The figures of several dicts added up by name (a name one dict lacks counts 0 there)."""
+    total: Counter[str] = Counter()
+    for part in parts:
+        total.update(part)
+    return dict(total)
+
+
 def parse_table_metrics(text: str) -> dict[str, Any]:
     """The worker's RocksDB gauges from its /metrics page: per table the bytes of each kind plus
     ``keys_estimate``, and the shared cache and memtable budget under ``shared``."""
@@ -231,6 +254,19 @@ def parse_table_metrics(text: str) -> dict[str, Any]:
             elif sample.name == "sluice_table_cache_bytes":
                 shared[sample.labels["kind"]] = value
     return {"tables": tables, "shared": shared}
+
+
+def sum_table_metrics(parts: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """Several workers' :func:`parse_table_metrics` added up per table and kind (each worker has its
+    own tables, cache and memtables); None if a worker did not answer."""
+    known = [p for p in parts if p is not None]
+    if not known or len(known) < len(parts):
+        return None
+    names = dict.fromkeys(table for p in known for table in p["tables"])
+    return {
+        "tables": {t: sum_counts(p["tables"].get(t, {}) for p in known) for t in names},
+        "shared": sum_counts(p["shared"] for p in known),
+    }
 
 
 def code_version(cwd: Path | None = None) -> dict[str, Any]:
@@ -635,7 +671,10 @@ def summary_table(result: dict[str, Any]) -> str:
             ("a raw relay", "records/s end to end", raw.get("records_per_s"), _raw_note(raw))
         )
     if pipe:
-        note = f"{pipe.get('completed')}/{pipe.get('events')} done, tools={pipe.get('tools')}"
+        note = (
+            f"{pipe.get('completed')}/{pipe.get('events')} done, "
+            f"workers={pipe.get('workers', 1)}, tools={pipe.get('tools')}"
+        )
         rows.append(("b pipeline", "exceptions/s end to end", pipe.get("exceptions_per_s"), note))
         if raw and raw.get("records_per_s"):
             pct = round(100 * pipe["exceptions_per_s"] / raw["records_per_s"], 1)
@@ -647,7 +686,7 @@ def summary_table(result: dict[str, Any]) -> str:
                 "b pipeline",
                 "worker CPU % (of one core)",
                 pipe.get("worker_cpu_pct"),
-                f"broker {pipe.get('broker_cpu_pct', '-')}%, "
+                f"{_summed(pipe)}broker {pipe.get('broker_cpu_pct', '-')}%, "
                 f"other processes {pipe.get('others_cpu_pct', '-')}%",
             )
         )
@@ -661,12 +700,18 @@ def summary_table(result: dict[str, Any]) -> str:
                 "c latency",
                 "worker CPU s / % of one core",
                 lat.get("worker_cpu_s"),
-                f"{lat.get('worker_cpu_pct')}%, {lat.get('worker_cpu_ms_per_exception')} ms/exc, "
+                f"{_summed(lat)}{lat.get('worker_cpu_pct')}%, "
+                f"{lat.get('worker_cpu_ms_per_exception')} ms/exc, "
                 f"other processes {lat.get('others_cpu_pct', '-')}%",
             )
         )
         rows.append(
-            ("c latency", "worker RSS MiB", _mib(lat.get("worker_rss_bytes")), "at phase end")
+            (
+                "c latency",
+                "worker RSS MiB",
+                _mib(lat.get("worker_rss_bytes")),
+                f"{_summed(lat)}at phase end",
+            )
         )
         for stage, summary in (lat.get("per_stage") or {}).items():
             rows.append(
@@ -732,6 +777,12 @@ def _raw_note(raw: dict[str, Any]) -> str:
         f"{raw.get('mode')}, {raw.get('hops')} hops, relay CPU {raw.get('relay_cpu_pct')}%, "
         f"other processes {others}%"
     )
+
+
+def _summed(phase: dict[str, Any]) -> str:
+    """The start of a note on a figure that adds up several workers' (nothing for one)."""
+    workers = phase.get("workers", 1)
+    return f"sum of {workers} workers, " if workers > 1 else ""
 
 
 def _mib(n: int | None) -> float | None:
@@ -907,9 +958,11 @@ class BenchError(RuntimeError):
 
 @dataclass
 class CpuMeter:
-    """CPU seconds of a set of pids (and of this process) between start() and stop()."""
+    """CPU seconds of a set of pids (and of this process) between start() and stop(); ``sums``
+    names groups of them (``{"workers": ("worker", "worker-2")}``) also reported as one figure."""
 
     pids: dict[str, int]
+    sums: dict[str, tuple[str, ...]] = field(default_factory=dict)
     wall: float = 0.0
     before: dict[str, float] = field(default_factory=dict)
     after: dict[str, float] = field(default_factory=dict)
@@ -942,6 +995,9 @@ class CpuMeter:
             used["others"] = max(
                 0.0, used["machine"] - sum(v for k, v in used.items() if k != "machine")
             )
+        for group, members in self.sums.items():  # after ``others``: a group counts no CPU twice
+            if any(m in used for m in members):
+                used[group] = sum(used[m] for m in members if m in used)
         for name, secs in used.items():
             out[f"{name}_cpu_s"] = round(secs, 2)
             out[f"{name}_cpu_pct"] = round(100 * secs / self.wall, 1) if self.wall else 0.0
@@ -1327,6 +1383,22 @@ def write_config(root: Path, tools_url: str | None) -> Path:
     return root
 
 
+def worker_name(index: int) -> str:
+    """Worker 1 keeps the single-worker name (``worker``, logging to ``worker.log``); the others
+    are ``worker-2``, ``worker-3``, ..."""
+    return "worker" if index == 1 else f"worker-{index}"
+
+
+def distinct_ports(count: int, pick: Callable[[], int]) -> list[int]:
+    """``count`` different ports from ``pick``: two free ports asked for in a row can be the same
+    one, as nothing listens on the first yet."""
+    ports: list[int] = []
+    while len(ports) < count:
+        if (port := pick()) not in ports:
+            ports.append(port)
+    return ports
+
+
 @dataclass
 class BenchContext:
     bootstrap: str
@@ -1338,8 +1410,9 @@ class BenchContext:
     app_id: str = ""
     prefix: str = ""
     tools_url: str | None = None
-    worker: Proc | None = None
-    worker_port: int = 0
+    workers: list[Proc] = field(default_factory=list)
+    worker_ports: list[int] = field(default_factory=list)
+    worker_count: int = 1
     log_level: str = "warning"
     worker_command: list[str] | None = None
 
@@ -1347,9 +1420,30 @@ class BenchContext:
         proc = getattr(self.broker, "_proc", None)
         return {"broker": proc.pid} if proc is not None else {}
 
+    def worker_dir(self, index: int = 1) -> Path:
+        """Worker ``index``'s table folder: ``worker-data`` (worker 1), then ``worker-data-<n>``."""
+        return self.root / ("worker-data" if index == 1 else f"worker-data-{index}")
+
     @property
-    def worker_dir(self) -> Path:
-        return self.root / "worker-data"
+    def worker_dirs(self) -> list[Path]:
+        return [self.worker_dir(i) for i in range(1, self.worker_count + 1)]
+
+    def worker_env(self, index: int, port: int) -> dict[str, str]:
+        """Worker ``index``'s environment: the shared app id and topics, its own port and folder."""
+        return self.env(
+            SLUICE_WORKER_WEB_PORT=str(port), SLUICE_WORKER_DATA_DIR=str(self.worker_dir(index))
+        )
+
+    def worker_meter(self, broker: bool = True) -> CpuMeter:
+        """A CPU meter of every worker (and the broker), their sum reported as ``workers``."""
+        pids = {proc.name: proc.pid for proc in self.workers}
+        extra = self.broker_pid() if broker else {}
+        return CpuMeter(pids | extra, sums={"workers": tuple(pids)})
+
+    def profiler(self, py_spy: str, out: Path) -> Profiler:
+        """py-spy on worker 1 only (sampling every worker would take the CPU it measures)."""
+        first = self.workers[0]
+        return Profiler(py_spy, first.pid, out, name=first.name)
 
     def env(self, **extra: str) -> dict[str, str]:
         return {
@@ -1364,42 +1458,81 @@ class BenchContext:
         }
 
 
-def start_worker(ctx: BenchContext) -> Proc:
+def start_workers(ctx: BenchContext) -> list[Proc]:
+    """``ctx.worker_count`` workers of the bench's app id, each with its own port, folder and log
+    (the same command for each: ``--worker-command`` or ``python -m app.cli worker``)."""
     from app.kafka_local import free_port
 
-    ctx.worker_port = free_port()
-    proc = ctx.procs.start(
-        "worker",
-        ctx.worker_command or [sys.executable, "-m", "app.cli", "worker"],
-        ctx.env(
-            SLUICE_WORKER_WEB_PORT=str(ctx.worker_port),
-            SLUICE_WORKER_DATA_DIR=str(ctx.worker_dir),
-        ),
-    )
-    ctx.worker = proc
-    return proc
+    command = ctx.worker_command or [sys.executable, "-m", "app.cli", "worker"]
+    ctx.worker_ports = distinct_ports(ctx.worker_count, free_port)
+    for index, port in enumerate(ctx.worker_ports, start=1):
+        ctx.workers.append(
+            ctx.procs.start(worker_name(index), command, ctx.worker_env(index, port))
+        )
+    return ctx.workers
 
 
-def _worker_get(ctx: BenchContext, path: str, timeout: float) -> httpx.Response | None:
-    """GET ``path`` from the bench's worker: the response, or None if it did not answer."""
+def wait_workers_ready(ctx: BenchContext, within: float) -> None:
+    """Until every worker answers /sluice/ready in one pass. Each worker joining the group makes
+    it rebalance, and a rebalancing worker is not ready: the ones found ready are asked again."""
+    deadline = time.monotonic() + within
+    waited = True
+    while waited:
+        waited = False
+        for proc, port in zip(ctx.workers, ctx.worker_ports, strict=True):
+            resp = _worker_get(port, "/sluice/ready", timeout=2)
+            if resp is None or not resp.is_success:
+                url = f"http://127.0.0.1:{port}/sluice/ready"
+                wait_http(url, proc, max(0.0, deadline - time.monotonic()))
+                waited = True
+
+
+def _worker_get(port: int, path: str, timeout: float) -> httpx.Response | None:
+    """GET ``path`` from the worker on ``port``: the response, or None if it did not answer."""
     import httpx
 
     try:
-        return httpx.get(f"http://127.0.0.1:{ctx.worker_port}{path}", timeout=timeout)
+        return httpx.get(f"http://127.0.0.1:{port}{path}", timeout=timeout)
     except httpx.HTTPError:
         return None
 
 
-def worker_table_memory(ctx: BenchContext) -> dict[str, Any] | None:
-    """What the worker's RocksDB reports (its /metrics), None if the worker does not answer."""
-    resp = _worker_get(ctx, "/metrics", timeout=10)
+def worker_table_memory(port: int) -> dict[str, Any] | None:
+    """What a worker's RocksDB reports (its /metrics), None if the worker does not answer."""
+    resp = _worker_get(port, "/metrics", timeout=10)
     if resp is None or resp.status_code != 200:
         return None
     return parse_table_metrics(resp.text)
 
 
+def workers_table_memory(ctx: BenchContext) -> dict[str, Any] | None:
+    """Every worker's RocksDB gauges added up, None if one does not answer."""
+    return sum_table_metrics([worker_table_memory(port) for port in ctx.worker_ports])
+
+
+def workers_memory(procs: Sequence[Proc]) -> dict[str, Any]:
+    """RSS and peak RSS summed over ``procs``, and each one's under ``per_worker``."""
+    per_worker = [{"worker": p.name, "pid": p.pid, **memory_of(p.pid)} for p in procs]
+    return {**sum_memory(per_worker), "per_worker": per_worker}
+
+
+def worker_figures(cpu: dict[str, float], done: int, memory: dict[str, Any]) -> dict[str, Any]:
+    """A phase's worker CPU and RSS, summed over every worker: ``cpu`` from
+    :meth:`BenchContext.worker_meter` (it keeps each worker's too), ``memory`` from
+    :func:`workers_memory`."""
+    return {
+        "worker_cpu_s": cpu.get("workers_cpu_s"),
+        "worker_cpu_pct": cpu.get("workers_cpu_pct"),
+        "worker_cpu_ms_per_exception": _per(cpu.get("workers_cpu_s"), done),
+        "worker_rss_bytes": memory["rss_bytes"],
+        "worker_hwm_bytes": memory["hwm_bytes"],
+        "per_worker_memory": memory["per_worker"],
+    }
+
+
 def worker_stats(ctx: BenchContext) -> dict[str, Any] | None:
-    resp = _worker_get(ctx, "/sluice/stats", timeout=5)
+    """Worker 1's /sluice/stats (which adds what it gets from the group's other workers)."""
+    resp = _worker_get(ctx.worker_ports[0], "/sluice/stats", timeout=5)
     try:
         data: dict[str, Any] | None = None if resp is None else resp.json()
     except ValueError:
@@ -1416,6 +1549,7 @@ class Profiler:
     out: Path
     rate_hz: int = 100
     proc: subprocess.Popen[bytes] | None = None
+    name: str = "worker"
 
     def start(self, max_seconds: float) -> Profiler:
         log = self.out.with_suffix(".log").open("ab")
@@ -1443,7 +1577,10 @@ class Profiler:
         log.close()
         return self
 
-    def finish(self, cpu_s: float | None) -> dict[str, Any]:
+    def finish(self, cpu: dict[str, float]) -> dict[str, Any]:
+        """The attributed profile; ``cpu`` is a :class:`CpuMeter` report holding the sampled
+        process's CPU seconds (``<name>_cpu_s``)."""
+        cpu_s = cpu.get(f"{self.name}_cpu_s")
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)  # py-spy writes what it has on Ctrl-C
             try:
@@ -1458,6 +1595,7 @@ class Profiler:
         data = attribute_profile(self.out.read_text(errors="replace"))
         data["raw_file"] = str(self.out)
         data["rate_hz"] = self.rate_hz
+        data["sampled"] = {"process": self.name, "pid": self.pid}
         if cpu_s is not None:
             data["cpu_s"] = round(cpu_s, 2)
             data["cpu_by_stage"] = [
@@ -1473,13 +1611,32 @@ async def run_pipeline_phases(
 
     topics = TopicNames(ctx.prefix)
     await ensure(ctx.bootstrap, topics.all(), ctx.partitions)
-    echo(f"starting a worker (app id {ctx.app_id}, {ctx.partitions} partitions) ...")
+    echo(
+        f"starting {ctx.worker_count} worker(s) (app id {ctx.app_id}, "
+        f"{ctx.partitions} partitions) ..."
+    )
     t_start = time.perf_counter()
-    worker = start_worker(ctx)
-    ready_url = f"http://127.0.0.1:{ctx.worker_port}/sluice/ready"
-    await asyncio.to_thread(wait_http, ready_url, worker, 180)
-    startup: dict[str, Any] = {"ready_s": round(time.perf_counter() - t_start, 1)}
+    workers = start_workers(ctx)
+    startup: dict[str, Any] = {"workers": len(workers)}
     phases["startup"] = startup
+    try:
+        await asyncio.to_thread(wait_workers_ready, ctx, 180)
+        startup["ready_s"] = round(time.perf_counter() - t_start, 1)
+        await _measure_pipeline(ctx, opts, topics, phases, notes)
+    finally:
+        echo("stopping the worker(s) ...")
+        for proc in reversed(workers):
+            code = ctx.procs.stop(proc, timeout=60)
+            if code not in (0, None):
+                notes.append(f"{proc.name} exited with {code} when stopped")
+
+
+async def _measure_pipeline(
+    ctx: BenchContext, opts: Options, topics: Any, phases: dict[str, Any], notes: list[str]
+) -> None:
+    """Probe, warm-up, then phases b, c, the profiled pass and f, once every worker is ready."""
+    workers = ctx.workers
+    startup = phases["startup"]
     watcher = Watcher(ctx.bootstrap, topics.completed, ctx.partitions)
     await watcher.start()
     producer = new_producer(ctx.bootstrap)
@@ -1496,9 +1653,9 @@ async def run_pipeline_phases(
             20,
             max(opts.timeout, 420),
             "startup probe",
-            procs=[worker],
+            procs=workers,
         )
-        crashes = _crashes(worker)
+        crashes = sum(_crashes(w) for w in workers)
         startup.update(
             probe_ok=probe_ok,
             probe_s=round(time.perf_counter() - t_probe, 1),
@@ -1506,14 +1663,13 @@ async def run_pipeline_phases(
         )
         if crashes:
             notes.append(
-                f"worker startup: {crashes} agent crash(es) in its log ({_first_crash(worker)}); "
-                f"the first 20 events took {startup['probe_s']}s to complete. Measurements "
-                "start after that."
+                f"worker startup: {crashes} agent crash(es) in the worker logs "
+                f"({_first_crash(workers)}); the first 20 events took {startup['probe_s']}s to "
+                "complete. Measurements start after that."
             )
             echo(f"worker agents crashed {crashes} times at startup (see notes)")
         if not probe_ok:
-            raise BenchError(f"the startup probe did not complete:\n{worker.log_tail()}")
-        pids = {"worker": worker.pid} | ctx.broker_pid()
+            raise BenchError(f"the startup probe did not complete:\n{_log_tails(workers)}")
         if opts.warmup:
             echo(f"pipeline warm-up: {opts.warmup} events")
             t_warm = time.perf_counter()
@@ -1523,22 +1679,22 @@ async def run_pipeline_phases(
                 opts.warmup,
                 opts.timeout,
                 "warm-up",
-                procs=[worker],
+                procs=workers,
             ):
-                raise BenchError(f"warm-up did not complete:\n{worker.log_tail()}")
+                raise BenchError(f"warm-up did not complete:\n{_log_tails(workers)}")
             startup["warmup_s"] = round(time.perf_counter() - t_warm, 2)
-            startup["agent_crashes_after_warmup"] = _crashes(worker)
+            startup["agent_crashes_after_warmup"] = sum(_crashes(w) for w in workers)
 
         # (b) throughput
         echo(f"pipeline: {opts.events:,} events, as fast as possible")
         payload = list(ctx.maker.batch("thr", 0, opts.events))
         phase = phase_of(payload[0][0])
-        meter = CpuMeter(pids).start()
+        meter = ctx.worker_meter().start()
         t0_wall = time.time()
         t0 = time.perf_counter()
         await produce(producer, topics.ingested, payload)
         produced_s = time.perf_counter() - t0
-        ok = await watcher.wait_for(phase, opts.events, opts.timeout, "pipeline", procs=[worker])
+        ok = await watcher.wait_for(phase, opts.events, opts.timeout, "pipeline", procs=workers)
         end = watcher.last_new.get(phase, time.perf_counter())
         cpu = meter.stop()
         done = watcher.counts[phase]
@@ -1548,19 +1704,17 @@ async def run_pipeline_phases(
             "completed": done,
             "timed_out": not ok,
             "partitions": ctx.partitions,
+            "workers": len(workers),
             "tools": opts.tools_label,
             "message_bytes": len(payload[0][1]),
             "seconds": round(elapsed, 3),
             "produce_seconds": round(produced_s, 3),
             "exceptions_per_s": rate(done, elapsed),
-            "worker_cpu_s": cpu.get("worker_cpu_s"),
-            "worker_cpu_pct": cpu.get("worker_cpu_pct"),
+            **worker_figures(cpu, done, workers_memory(workers)),
             "broker_cpu_pct": cpu.get("broker_cpu_pct"),
             "others_cpu_pct": cpu.get("others_cpu_pct"),
-            "worker_cpu_ms_per_exception": _per(cpu.get("worker_cpu_s"), done),
-            **{f"worker_{k}": v for k, v in memory_of(worker.pid).items()},
             "cpu": cpu,
-            "stats": await asyncio.to_thread(worker_stats, ctx),
+            "stats_from_worker_1": await asyncio.to_thread(worker_stats, ctx),
         }
         chain = _chain(topics)
         stamps = await read_stamps(ctx.bootstrap, chain, ctx.partitions, phase.decode() + "-")
@@ -1591,10 +1745,6 @@ async def run_pipeline_phases(
     finally:
         await producer.stop()
         await watcher.stop()
-        echo("stopping the worker ...")
-        code = ctx.procs.stop(worker, timeout=60)
-        if code not in (0, None):
-            notes.append(f"the worker exited with {code} when stopped")
 
 
 def _chain(topics: Any) -> list[str]:
@@ -1615,13 +1765,21 @@ def _crashes(proc: Proc) -> int:
     return proc.log_path.read_text(errors="replace").count("Crashed reason=")
 
 
-def _first_crash(proc: Proc) -> str:
-    if proc.log_path is None or not proc.log_path.exists():
-        return ""
-    for line in proc.log_path.read_text(errors="replace").splitlines():
-        if "Crashed reason=" in line:
-            return line.split("Crashed reason=", 1)[1][:160]
+def _first_crash(procs: Sequence[Proc]) -> str:
+    for proc in procs:
+        if proc.log_path is None or not proc.log_path.exists():
+            continue
+        for line in proc.log_path.read_text(errors="replace").splitlines():
+            if "Crashed reason=" in line:
+                return f"{proc.name}: {line.split('Crashed reason=', 1)[1][:160]}"
     return ""
+
+
+def _log_tails(procs: Sequence[Proc]) -> str:
+    """The end of each process's log, under its name when there are several."""
+    if len(procs) == 1:
+        return procs[0].log_tail()
+    return "\n".join(f"--- {proc.name}\n{proc.log_tail()}" for proc in procs)
 
 
 def _per(cpu_s: float | None, count: int) -> float | None:
@@ -1636,7 +1794,7 @@ async def run_latency(
     topics: Any,
     target: float,
 ) -> dict[str, Any]:
-    if ctx.worker is None:
+    if not ctx.workers:
         raise BenchError("no worker is running")
     count = opts.latency_events
     echo(f"latency: {count:,} events at {target:,.1f}/s (~{count / target:,.0f}s)")
@@ -1651,8 +1809,8 @@ async def run_latency(
     profiler = None
     if opts.py_spy:
         out = opts.output_dir / f"profile-{opts.stamp}-latency.txt"
-        profiler = Profiler(opts.py_spy, ctx.worker.pid, out).start(count / target + 60)
-    meter = CpuMeter({"worker": ctx.worker.pid} | ctx.broker_pid()).start()
+        profiler = ctx.profiler(opts.py_spy, out).start(count / target + 60)
+    meter = ctx.worker_meter().start()
     futures = []
     t0 = time.perf_counter()
     for i, (key, value) in enumerate(payload):
@@ -1664,9 +1822,9 @@ async def run_latency(
         futures.append(fut)
     send_s = time.perf_counter() - t0
     await asyncio.gather(*futures)
-    ok = await watcher.wait_for(phase, count, opts.timeout, "latency", procs=[ctx.worker])
+    ok = await watcher.wait_for(phase, count, opts.timeout, "latency", procs=ctx.workers)
     cpu = meter.stop()
-    mem = memory_of(ctx.worker.pid)
+    mem = workers_memory(ctx.workers)
     latencies = [watcher.first_seen[k] - acked[k] for k in acked if k in watcher.first_seen]
     done = watcher.counts[phase]
     result: dict[str, Any] = {
@@ -1677,13 +1835,10 @@ async def run_latency(
         "timed_out": not ok,
         "latency": latency_summary(latencies),
         "measured_from": "producer ack (acks=all) to first sight on the completed topic",
-        "worker_cpu_s": cpu.get("worker_cpu_s"),
-        "worker_cpu_pct": cpu.get("worker_cpu_pct"),
-        "worker_cpu_ms_per_exception": _per(cpu.get("worker_cpu_s"), done),
+        "workers": len(ctx.workers),
+        **worker_figures(cpu, done, mem),
         "broker_cpu_pct": cpu.get("broker_cpu_pct"),
         "others_cpu_pct": cpu.get("others_cpu_pct"),
-        "worker_rss_bytes": mem["rss_bytes"],
-        "worker_hwm_bytes": mem["hwm_bytes"],
         "cpu": cpu,
     }
     stamps = await read_stamps(ctx.bootstrap, _chain(topics), ctx.partitions, phase.decode() + "-")
@@ -1693,7 +1848,7 @@ async def run_latency(
         "completed -> consumer row is the bench's consumer clock minus the completed record's"
     )
     if profiler is not None:
-        result["latency_profile"] = profiler.finish(cpu.get("worker_cpu_s"))
+        result["latency_profile"] = profiler.finish(cpu)
         result["cpu_per_stage"] = "py-spy samples, see profile.latency"
     else:
         result["cpu_per_stage"] = "not attributed (py-spy not found): total only"
@@ -1707,25 +1862,26 @@ async def run_latency(
 async def run_profiled_throughput(
     ctx: BenchContext, opts: Options, producer: Any, watcher: Watcher, topics: Any
 ) -> dict[str, Any]:
-    if ctx.worker is None or opts.py_spy is None:
+    if not ctx.workers or opts.py_spy is None:
         raise BenchError("no worker is running, or py-spy is missing")
     count = opts.events
     echo(f"profiled throughput pass: {count:,} events under py-spy")
     payload = list(ctx.maker.batch("prof", 0, count))
     phase = phase_of(payload[0][0])
     out = opts.output_dir / f"profile-{opts.stamp}-throughput.txt"
-    profiler = Profiler(opts.py_spy, ctx.worker.pid, out).start(opts.timeout)
-    meter = CpuMeter({"worker": ctx.worker.pid}).start()
+    profiler = ctx.profiler(opts.py_spy, out).start(opts.timeout)
+    meter = ctx.worker_meter(broker=False).start()
     t0 = time.perf_counter()
     await produce(producer, topics.ingested, payload)
     ok = await watcher.wait_for(
-        phase, count, opts.timeout, "profiled throughput", procs=[ctx.worker]
+        phase, count, opts.timeout, "profiled throughput", procs=ctx.workers
     )
     end = watcher.last_new.get(phase, time.perf_counter())
     cpu = meter.stop()
-    data = profiler.finish(cpu.get("worker_cpu_s"))
+    data = profiler.finish(cpu)
     data["exceptions_per_s_under_profiler"] = rate(watcher.counts[phase], end - t0)
-    data["worker_cpu_pct"] = cpu.get("worker_cpu_pct")
+    data["worker_cpu_pct"] = cpu.get("workers_cpu_pct")  # every worker's, summed
+    data["cpu"] = cpu
     data["timed_out"] = not ok
     watcher.forget(phase)
     return data
@@ -1742,18 +1898,21 @@ async def run_memory(
     """Push distinct exceptions through and sample at each checkpoint. The result is
     ``phases["memory"]`` from the start and grows a point per checkpoint, so an interrupted run
     (a million exceptions take hours) still reports the checkpoints it reached."""
-    if ctx.worker is None:
+    if not ctx.workers:
         raise BenchError("no worker is running")
     phase_key = phase_of(ctx.maker.key("mem", 0))
     before = watcher_total = sum(watcher.counts.values())
     points: list[dict[str, Any]] = []
     result: dict[str, Any] = {
         "checkpoints": points,
-        "counted": "distinct exceptions completed by this worker since it started (all phases)",
-        "data_dir": "du of the worker's table folder (RocksDB stores of every table)",
+        "counted": "distinct exceptions completed by the workers since they started (all phases)",
+        "workers": len(ctx.workers),
+        "rss": "rss_bytes and hwm_bytes are summed over the workers, per_worker has each one's",
+        "data_dir": "du of the workers' table folders (RocksDB stores of every table), summed",
         "table_bytes": "du of each table's RocksDB folders, summed over its partitions",
-        "rocksdb": "the worker's sluice_table_* gauges: per table memtables, table readers, SST"
-        " bytes and estimated keys; the shared cache's capacity, usage and pinned bytes",
+        "rocksdb": "the workers' sluice_table_* gauges, summed over the workers: per table "
+        "memtables, table readers, SST bytes and estimated keys; the shared caches' capacity, usage"
+        " and pinned bytes (one cache per worker)",
     }
     phases["memory"] = result
     start = time.perf_counter()
@@ -1766,25 +1925,26 @@ async def run_memory(
             n = min(chunk, need - sent)
             # keep at most ~4 chunks in flight so a checkpoint means "pushed through", not queued
             ahead_ok = await watcher.wait_for(
-                phase_key, max(0, sent - 4 * chunk), opts.timeout, "memory", procs=[ctx.worker]
+                phase_key, max(0, sent - 4 * chunk), opts.timeout, "memory", procs=ctx.workers
             )
             if not ahead_ok:
                 raise BenchError("the memory phase stalled")
             await produce(producer, topics.ingested, ctx.maker.batch("mem", sent, n))
             sent += n
         if not await watcher.wait_for(
-            phase_key, need, opts.timeout, f"memory {checkpoint:,}", procs=[ctx.worker]
+            phase_key, need, opts.timeout, f"memory {checkpoint:,}", procs=ctx.workers
         ):
             raise BenchError(f"the memory phase stalled before {checkpoint:,}")
         watcher_total = before + watcher.counts[phase_key]
-        mem = memory_of(ctx.worker.pid)
+        mem = workers_memory(ctx.workers)
         point: dict[str, Any] = {
             "exceptions": watcher_total,
             "rss_bytes": mem["rss_bytes"],
             "hwm_bytes": mem["hwm_bytes"],
-            "data_dir_bytes": disk_usage(ctx.worker_dir),
-            "table_bytes": table_sizes(ctx.worker_dir),
-            "rocksdb": await asyncio.to_thread(worker_table_memory, ctx),
+            "per_worker": mem["per_worker"],
+            "data_dir_bytes": sum(disk_usage(d) for d in ctx.worker_dirs),
+            "table_bytes": sum_counts(table_sizes(d) for d in ctx.worker_dirs),
+            "rocksdb": await asyncio.to_thread(workers_table_memory, ctx),
             "elapsed_s": round(time.perf_counter() - start, 1),
         }
         points.append(point)
@@ -1947,6 +2107,7 @@ class Options:
     keep: bool
     worker_log_level: str = "warning"
     worker_command: str | None = None
+    workers: int = 1
     stamp: str = ""
 
     @property
@@ -1972,6 +2133,7 @@ class Options:
             "api_batch_concurrency": self.api_batch_concurrency,
             "worker_log_level": self.worker_log_level,
             "worker_command": self.worker_command or "python -m app.cli worker",
+            "workers": self.workers,
         }
 
 
@@ -1981,7 +2143,7 @@ async def _main(ctx: BenchContext, opts: Options, phases: dict[str, Any], notes:
         echo(f"raw relay: {phases['raw']['records_per_s']:,}/s")
     await run_pipeline_phases(ctx, opts, phases, notes)
     pipe = phases.get("pipeline") or {}
-    echo(f"pipeline: {pipe.get('exceptions_per_s')}/s")
+    echo(f"pipeline: {pipe.get('exceptions_per_s')}/s with {opts.workers} worker(s)")
     if not opts.skip_api:
         phases["api"] = await run_api(ctx, opts)
 
@@ -2036,6 +2198,7 @@ def run_bench(opts: Options) -> dict[str, Any]:
             prefix=f"bench{tag}",
             log_level=opts.worker_log_level,
             worker_command=shlex.split(opts.worker_command) if opts.worker_command else None,
+            worker_count=opts.workers,
         )
         config = {**opts.as_config(), "broker": broker_label}
         asyncio.run(_main(ctx, opts, phases, notes))
@@ -2138,6 +2301,14 @@ def bench(
             "runs of a tuned worker)."
         ),
     ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Worker processes of the same app id for the pipeline phases (CPU and RSS "
+            "summed; py-spy samples worker 1).",
+        ),
+    ] = 1,
 ) -> None:
     """Benchmark Sluice on a real broker: raw relay limit, pipeline throughput and latency, memory,
     API ingest. Progress on stderr, a table on stdout, JSON in results/."""
@@ -2174,6 +2345,7 @@ def bench(
         keep=keep,
         worker_log_level=worker_log_level,
         worker_command=worker_command,
+        workers=workers,
     )
     if profile and spy is None:
         echo("py-spy not found: CPU is reported per process only, not per stage")

@@ -7,7 +7,7 @@ import json
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -114,6 +114,57 @@ def test_cpu_meter_reports_others_on_a_shared_machine() -> None:
     assert report["others_cpu_pct"] == 50.0
 
 
+def test_cpu_meter_sums_the_workers_and_counts_them_once_in_others() -> None:
+    meter = bench.CpuMeter(
+        {"worker": 1, "worker-2": 2, "broker": 3}, sums={"workers": ("worker", "worker-2")}
+    )
+    meter.wall = 2.0
+    meter.before = {"worker": 10.0, "worker-2": 20.0, "broker": 5.0, "client": 1.0, "machine": 100}
+    meter.after = {"worker": 11.0, "worker-2": 20.5, "broker": 5.5, "client": 1.5, "machine": 104}
+    report = meter.report()
+    assert (report["worker_cpu_s"], report["worker-2_cpu_s"]) == (1.0, 0.5)
+    assert report["workers_cpu_s"] == 1.5
+    assert report["workers_cpu_pct"] == 75.0
+    # machine 4.0 s - workers 1.5 - broker 0.5 - client 0.5: the group's sum is not taken off again
+    assert report["others_cpu_s"] == 1.5
+
+
+def test_cpu_meter_sums_the_workers_still_running() -> None:
+    meter = bench.CpuMeter({"worker": 1, "worker-2": 2}, sums={"workers": ("worker", "worker-2")})
+    meter.wall = 1.0
+    meter.before = {"worker": 1.0, "worker-2": 1.0}
+    meter.after = {"worker": 1.25}  # worker-2 exited: its /proc entry is gone
+    assert meter.report()["workers_cpu_s"] == 0.25
+    meter.after = {}
+    assert "workers_cpu_s" not in meter.report()
+
+
+def test_worker_figures_are_the_sums_over_the_workers() -> None:
+    meter = bench.CpuMeter({"worker": 1, "worker-2": 2}, sums={"workers": ("worker", "worker-2")})
+    meter.wall = 4.0
+    meter.before = {"worker": 0.0, "worker-2": 0.0}
+    meter.after = {"worker": 2.0, "worker-2": 1.0}
+    per_worker = [
+        {"worker": "worker", "pid": 1, "rss_bytes": 300, "hwm_bytes": 400},
+        {"worker": "worker-2", "pid": 2, "rss_bytes": 200, "hwm_bytes": 250},
+    ]
+    memory = {**bench.sum_memory(per_worker), "per_worker": per_worker}
+    figures = bench.worker_figures(meter.report(), 1000, memory)
+    assert figures["worker_cpu_s"] == 3.0
+    assert figures["worker_cpu_pct"] == 75.0
+    assert figures["worker_cpu_ms_per_exception"] == 3.0
+    assert (figures["worker_rss_bytes"], figures["worker_hwm_bytes"]) == (500, 650)
+    assert figures["per_worker_memory"] == per_worker
+
+
+def test_summed_memory_is_unknown_when_a_worker_is_gone() -> None:
+    gone = bench.sum_memory(
+        [{"rss_bytes": 300, "hwm_bytes": 400}, {"rss_bytes": None, "hwm_bytes": None}]
+    )
+    assert gone == {"rss_bytes": None, "hwm_bytes": None}
+    assert bench.sum_memory([]) == {"rss_bytes": None, "hwm_bytes": None}
+
+
 def test_proc_status_fields_in_bytes() -> None:
     assert bench.parse_proc_status(STATUS) == 183456 * 1024
     assert bench.parse_proc_status(STATUS, "VmHWM") == 210000 * 1024
@@ -161,6 +212,34 @@ def test_table_sizes_sum_the_partitions_of_each_table(tmp_path: Path) -> None:
         (tables / f"{name}.db" / "000001.sst").write_bytes(b"x" * size)
     sizes = bench.table_sizes(tmp_path)
     assert sizes == {"processed-intake": 12288, "exceptions": 4096}
+
+
+def test_table_sizes_of_several_workers_add_up_per_table() -> None:
+    assert bench.sum_counts(
+        [{"exceptions": 4096, "processed-intake": 8192}, {"exceptions": 1024, "quarantine": 512}]
+    ) == {"exceptions": 5120, "processed-intake": 8192, "quarantine": 512}
+    assert bench.sum_counts([]) == {}
+
+
+def test_table_metrics_of_several_workers_add_up_per_table_and_kind() -> None:
+    one = {
+        "tables": {"exceptions": {"memtables": 100, "keys_estimate": 7}},
+        "shared": {"capacity": 64, "usage": 60},
+    }
+    two = {
+        "tables": {"exceptions": {"memtables": 50, "keys_estimate": 3}, "groups": {"sst_files": 9}},
+        "shared": {"capacity": 64, "usage": 10},
+    }
+    assert bench.sum_table_metrics([one, two]) == {
+        "tables": {
+            "exceptions": {"memtables": 150, "keys_estimate": 10},
+            "groups": {"sst_files": 9},
+        },
+        "shared": {"capacity": 128, "usage": 70},
+    }
+    assert bench.sum_table_metrics([one]) == one
+    assert bench.sum_table_metrics([one, None]) is None  # a worker that did not answer
+    assert bench.sum_table_metrics([]) is None
 
 
 def test_code_version_names_the_commit_and_uncommitted_changes(tmp_path: Path) -> None:
@@ -402,6 +481,160 @@ def test_summary_table_names_every_phase_and_target() -> None:
         "ingest >= 5,000/s per API process (batch)",
     ):
         assert needle in text, needle
+
+
+def test_summary_table_says_how_many_workers_and_that_their_figures_are_summed() -> None:
+    one = bench.summary_table(_result())
+    assert "workers=1" in one
+    assert "sum of" not in one
+    phases = _phases()
+    phases["pipeline"]["workers"] = 2
+    phases["latency"]["workers"] = 2
+    two = bench.summary_table(
+        bench.build_result(
+            started_at=datetime(2026, 1, 1, tzinfo=UTC),
+            command=[],
+            host={},
+            config={"workers": 2},
+            phases=phases,
+        )
+    )
+    assert "workers=2" in two
+    assert two.count("sum of 2 workers") == 3  # pipeline CPU, latency CPU, latency RSS
+
+
+def test_workers_option_must_be_at_least_one() -> None:
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(bench.bench_cli, ["--workers", "0"])
+    assert result.exit_code == 2
+    assert "--workers" in result.output
+
+
+# ---------------------------------------------------------------------------------------- workers
+
+
+class _FakePopen:
+    """What :class:`bench.Proc` reads of a child, for a child that is never started."""
+
+    pids = iter(range(40_001, 50_000))
+
+    def __init__(self) -> None:
+        self.pid = next(self.pids)
+        self.returncode = None
+
+    def poll(self) -> None:
+        return None
+
+
+def _proc(name: str, root: Path | None = None) -> bench.Proc:
+    return bench.Proc(name, cast(Any, _FakePopen()), root / f"{name}.log" if root else None)
+
+
+class _RecordingProcesses(bench.Processes):
+    """Records what would be started instead of starting it."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.started: list[tuple[str, list[str], dict[str, str]]] = []
+
+    def start(
+        self, name: str, args: list[str], env: dict[str, str] | None = None, log: bool = True
+    ) -> bench.Proc:
+        self.started.append((name, args, env or {}))
+        return _proc(name, self.root)
+
+
+def _context(tmp_path: Path, workers: int, command: list[str] | None = None) -> bench.BenchContext:
+    return bench.BenchContext(
+        bootstrap="127.0.0.1:9092",
+        partitions=8,
+        root=tmp_path,
+        procs=_RecordingProcesses(tmp_path),
+        maker=bench.EventMaker("t"),
+        app_id="sluice-bench-t",
+        prefix="bencht",
+        worker_count=workers,
+        worker_command=command,
+    )
+
+
+def test_worker_names_and_folders_keep_the_single_worker_layout(tmp_path: Path) -> None:
+    ctx = _context(tmp_path, 3)
+    assert [bench.worker_name(i) for i in (1, 2, 3)] == ["worker", "worker-2", "worker-3"]
+    assert ctx.worker_dirs == [
+        tmp_path / "worker-data",
+        tmp_path / "worker-data-2",
+        tmp_path / "worker-data-3",
+    ]
+    env = ctx.worker_env(2, 7002)
+    assert env["SLUICE_WORKER_WEB_PORT"] == "7002"
+    assert env["SLUICE_WORKER_DATA_DIR"] == str(tmp_path / "worker-data-2")
+    assert env["SLUICE_APP_ID"] == "sluice-bench-t"  # one consumer group for all of them
+
+
+def test_distinct_ports_skips_a_port_handed_out_twice() -> None:
+    picks = iter([7001, 7001, 7002, 7001, 7003])
+    assert bench.distinct_ports(3, lambda: next(picks)) == [7001, 7002, 7003]
+    assert bench.distinct_ports(0, lambda: next(picks)) == []
+
+
+def test_each_worker_starts_with_its_own_port_folder_and_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import app.kafka_local
+
+    picks = iter([7001, 7001, 7002])
+    monkeypatch.setattr(app.kafka_local, "free_port", lambda: next(picks))
+    ctx = _context(tmp_path, 2, command=["my-worker", "--fast"])
+
+    workers = bench.start_workers(ctx)
+
+    assert [w.name for w in workers] == ["worker", "worker-2"]
+    assert ctx.worker_ports == [7001, 7002]
+    started = cast(_RecordingProcesses, ctx.procs).started
+    assert [args for _, args, _ in started] == [["my-worker", "--fast"]] * 2
+    assert [
+        (env["SLUICE_WORKER_WEB_PORT"], env["SLUICE_WORKER_DATA_DIR"]) for *_, env in started
+    ] == [
+        ("7001", str(tmp_path / "worker-data")),
+        ("7002", str(tmp_path / "worker-data-2")),
+    ]
+    meter = ctx.worker_meter(broker=False)
+    assert meter.pids == {"worker": workers[0].pid, "worker-2": workers[1].pid}
+    assert meter.sums == {"workers": ("worker", "worker-2")}
+    assert ctx.profiler("py-spy", tmp_path / "p.txt").pid == workers[0].pid
+
+
+def test_workers_are_ready_only_when_all_answer_in_one_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ctx = _context(tmp_path, 2)
+    ctx.worker_ports = [7001, 7002]
+    ctx.workers = [_proc(bench.worker_name(i)) for i in (1, 2)]
+
+    class Answer:
+        def __init__(self, ok: bool) -> None:
+            self.is_success = ok
+
+    # pass 1: worker 1 ready, worker 2 still joining (waited for); worker 2's join rebalanced the
+    # group, so pass 2 finds worker 1 not ready (waited for again); pass 3 finds both ready
+    answers = iter([True, False, False, True, True, True])
+    asked: list[int] = []
+    waited: list[str] = []
+
+    def get(port: int, path: str, timeout: float) -> Answer:
+        assert path == "/sluice/ready"
+        asked.append(port)
+        return Answer(next(answers))
+
+    monkeypatch.setattr(bench, "_worker_get", get)
+    monkeypatch.setattr(bench, "wait_http", lambda url, proc, timeout: waited.append(proc.name))
+
+    bench.wait_workers_ready(ctx, 60)
+
+    assert asked == [7001, 7002, 7001, 7002, 7001, 7002]
+    assert waited == ["worker-2", "worker"]
 
 
 def test_bench_config_has_one_tenant_and_key(tmp_path: Path) -> None:
