@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar, cast
 
 import faust
@@ -52,6 +52,8 @@ from agents.tool import RetryPolicy, backoff_delay, execute
 from agents.tools import Tool, ToolError, build_tools
 from agents.triage import triage
 from app.faust_app import app, settings, topics
+from app.retention import Sweep
+from app.rocks import Store
 from app.stores import Decoded, MappingLedger, MappingProcessedStore, ProcessedStore
 from app.telemetry import (
     SpanHandle,
@@ -1062,6 +1064,7 @@ class _Folded:
         self.written: Decoded[bytes, ExceptionRecord] = Decoded(
             settings.worker_decoded_cache, _rebalance_count
         )
+        self.sweep = Sweep(settings.exception_sweep_seconds)
 
     def get(self, key: bytes) -> ExceptionRecord | None:
         if key in self.records:
@@ -1076,12 +1079,43 @@ class _Folded:
         self.records[key] = (record, current_event())
 
     def write(self) -> None:
+        partitions: dict[int, faust.EventT] = {}
         for key, (record, event) in self.records.items():
             if event is not None:
                 _current_event.set(weakref.ref(event))
+                partitions[event.message.partition] = event
             exceptions_table[key] = record.model_dump_json().encode()
             self.written.put(key, record)
         self.records.clear()
+        if settings.exception_retention_seconds:
+            for partition, event in partitions.items():
+                if self.sweep.due(partition):
+                    self.expire(partition, event)
+
+    def expire(self, partition: int, event: faust.EventT) -> None:
+        """Delete the closed exceptions past retention in the next slice of ``partition``'s store
+        (app.retention), with their first-report fingerprints; ``event`` is one of the batch's from
+        that partition, so the tombstones go to its changelog partition. Like every table write of
+        the batch, they are acknowledged by Kafka before the batch is acked."""
+        store = cast(Store, exceptions_table.data)
+        cutoff = now() - timedelta(seconds=settings.exception_retention_seconds)
+        start = self.sweep.start(partition)
+        expired = self.sweep.slice(partition, store.items_from(partition, start), cutoff)
+        if not expired:
+            return
+        _current_event.set(weakref.ref(event))
+        for key in expired:
+            del exceptions_table[key]
+            self.written.discard(key)
+            exception_id = key.decode()
+            if exception_id in fingerprints_table:
+                del fingerprints_table[exception_id]
+        log.info(
+            "retention: deleted %d closed exceptions unchanged for %ss from partition %d",
+            len(expired),
+            settings.exception_retention_seconds,
+            partition,
+        )
 
 
 folded = _Folded()

@@ -23,7 +23,7 @@ Tables select this store with the ``sluice-rocksdb://`` URL (registered with Fau
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -132,6 +132,12 @@ class Store(faust_rocksdb.Store):
         store already holds, ending in the same values; it is never ahead of the data."""
         if self._offset_writes.due(tp):
             super().set_persisted_offset(tp, offset)
+
+    def items_from(self, partition: int, start: bytes | None) -> Iterator[tuple[bytes, bytes]]:
+        """The raw keys and values of this worker's store of ``partition``, in key order from
+        ``start`` (from the first key if None); nothing if the worker does not hold it."""
+        db = self._dbs.get(partition)
+        return iter(()) if db is None else iter(db.items(from_key=start))
 
     def memory(self) -> dict[str, int]:
         """What RocksDB reports for this table's open partitions, summed."""

@@ -71,6 +71,20 @@ class Settings(BaseSettings):
         ge=60,
         description="How long a stage remembers processed event ids (duplicate detection).",
     )
+    exception_retention_seconds: int = Field(
+        default=30 * 86_400,
+        ge=0,
+        description="How long a closed exception (resolved, failed, no_action, suppressed, "
+        "discarded) is kept after its last event before its record is deleted; 0 keeps every "
+        "exception forever.",
+    )
+    exception_sweep_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="How often the projection looks at the next 1,000 records of each of its "
+        "partitions for closed exceptions past retention.",
+    )
     worker_session_timeout_seconds: float = Field(
         default=10.0,
         ge=6,

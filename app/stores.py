@@ -191,6 +191,9 @@ class Decoded(Generic[K, V]):
             values.move_to_end(key)
         return value
 
+    def discard(self, key: K) -> None:
+        self._current().pop(key, None)
+
     def put(self, key: K, value: V) -> None:
         if self.size <= 0:
             return

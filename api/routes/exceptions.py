@@ -48,7 +48,8 @@ router = APIRouter(prefix="/v1/exceptions", tags=["exceptions"])
 _DESCRIPTIONS = {
     400: "A header is malformed or not supported here (the detail names it).",
     401: "X-API-Key is missing or not a valid key.",
-    404: "The tenant has no exception with this id.",
+    404: "The tenant has no exception with this id (a closed one is deleted after "
+    "SLUICE_EXCEPTION_RETENTION_SECONDS without events).",
     409: "A request with the same Idempotency-Key is still in flight.",
     413: "The request body (or the event made of it) is too large.",
     422: "The request is invalid; `errors` names each invalid field and why.",

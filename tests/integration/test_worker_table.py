@@ -10,7 +10,23 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from tests.integration.conftest import StackFactory
+from tests.integration.test_failures import keys_on
 from tests.integration.test_pipeline import ingested
+
+
+async def _status(url: str, tenant: str = "acme") -> tuple[int, str | None]:
+    async with httpx.AsyncClient() as client:
+        resp = await client.get(url, params={"tenant": tenant})
+    return resp.status_code, resp.json()["state"]["status"] if resp.status_code == 200 else None
+
+
+async def _until_status(url: str, wanted: str, tenant: str, timeout: float = 60.0) -> str | None:
+    deadline = time.monotonic() + timeout
+    status = None
+    while time.monotonic() < deadline and status != wanted:
+        _code, status = await _status(url, tenant)
+        await asyncio.sleep(0.3)
+    return status
 
 
 async def _event_count(url: str, want: int, timeout: float = 60.0) -> int:
@@ -75,3 +91,45 @@ async def test_idempotency_and_ledger_changelogs_expire(stack_factory: StackFact
         assert configs[name]["cleanup.policy"] == "compact,delete", name
         assert configs[name]["retention.ms"] == str(3600 * 1000), name
     assert configs[topics[-1]]["cleanup.policy"] == "compact"
+
+
+async def test_closed_exceptions_past_retention_are_deleted_and_open_ones_kept(
+    stack_factory: StackFactory,
+) -> None:
+    retention = 2.0
+    stack = await stack_factory(
+        api=False,
+        env={
+            "SLUICE_EXCEPTION_RETENTION_SECONDS": str(int(retention)),
+            "SLUICE_EXCEPTION_SWEEP_SECONDS": "0.2",
+        },
+    )
+    # All on one partition: the projection sweeps a partition when it writes there.
+    closed, still_open, *fresh = keys_on(0, "retention", 6)
+    url = {k: f"{stack.worker_url(0)}/sluice/exceptions/{k}" for k in [closed, still_open, *fresh]}
+    await stack.produce_events(
+        stack.topics.ingested, [ingested(closed, 0), ingested(still_open, 0, tenant="nobody")]
+    )
+    assert await _until_status(url[closed], "resolved", "acme") == "resolved"
+    # No configuration for the tenant: dead-lettered at intake, in quarantine, open.
+    assert await _until_status(url[still_open], "dead_lettered", "nobody") == "dead_lettered"
+
+    await asyncio.sleep(retention + 0.5)
+    for key in fresh:  # traffic on the partition, past the retention of the first two
+        await stack.produce_events(stack.topics.ingested, [ingested(key, 0)])
+        assert await _until_status(url[key], "resolved", "acme") == "resolved"
+        if (await _status(url[closed]))[0] == 404:
+            break
+
+    assert await _status(url[closed]) == (404, None)
+    assert await _status(url[still_open], "nobody") == (200, "dead_lettered")
+    assert await _status(url[fresh[0]]) == (200, "resolved")
+    # The deletions are in the changelogs, so a worker recovering the tables does not restore them.
+    # (Faust writes a str key as JSON, a bytes key as is.)
+    for table, key in [
+        ("exceptions", closed.encode()),
+        ("exception-fingerprints", b'"%s"' % closed.encode()),
+    ]:
+        records = await stack.read_topic(f"{stack.app_id}-{table}-changelog", expect=1, timeout=10)
+        tombstones = [r.key for r in records if r.value is None]
+        assert tombstones == [key], (table, tombstones)

@@ -206,3 +206,15 @@ def test_a_decoded_cache_of_size_zero_keeps_nothing() -> None:
     decoded: Decoded[str, str] = Decoded(0, lambda: 0)
     decoded.put("a", "x")
     assert decoded.get("a") is None
+
+
+def test_a_discarded_value_is_read_from_the_table_again() -> None:
+    decoded: Decoded[str, str] = Decoded(10, lambda: 0)
+    decoded.put("a", "x")
+    decoded.put("b", "y")
+
+    decoded.discard("a")
+    decoded.discard("never-put")
+
+    assert decoded.get("a") is None
+    assert decoded.get("b") == "y"
