@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
 import rocksdict
 from faust.stores import STORES
@@ -111,6 +111,14 @@ class AtMostEvery:
         return True
 
 
+def scan_from(db: rocksdict.Rdict, start: bytes | None) -> Iterator[tuple[bytes, bytes]]:
+    """``db``'s items in key order from ``start`` (or the key after it), without caching the blocks
+    read: a scan reads each record once and must not push the hot ones out of the shared cache."""
+    once = rocksdict.ReadOptions()
+    once.fill_cache(False)  # type: ignore[call-arg]  # the stub forgets the flag the method takes
+    return cast(Iterator[tuple[bytes, bytes]], db.items(from_key=start, read_opt=once))
+
+
 class Store(faust_rocksdb.Store):
     """Faust's RocksDB store (rocksdict driver) with :class:`SharedMemoryOptions`."""
 
@@ -137,7 +145,7 @@ class Store(faust_rocksdb.Store):
         """The raw keys and values of this worker's store of ``partition``, in key order from
         ``start`` (from the first key if None); nothing if the worker does not hold it."""
         db = self._dbs.get(partition)
-        return iter(()) if db is None else iter(db.items(from_key=start))
+        return iter(()) if db is None else scan_from(db, start)
 
     def memory(self) -> dict[str, int]:
         """What RocksDB reports for this table's open partitions, summed."""

@@ -11,7 +11,7 @@ from faust.stores.rocksdb import RocksDBOptions
 from pydantic import ValidationError
 from rocksdict import Rdict
 
-from app.rocks import AtMostEvery, MiB, SharedMemoryOptions, shared_memory
+from app.rocks import AtMostEvery, MiB, SharedMemoryOptions, scan_from, shared_memory
 from app.settings import Settings, get_settings
 
 OPTIONS: dict[str, Any] = {
@@ -99,3 +99,18 @@ def test_persisted_offsets_are_written_at_most_once_per_interval_per_partition()
     now[0] += 0.6
     assert writes.due("changelog-0")
     assert not writes.due("changelog-0")
+
+
+def test_a_scan_goes_in_key_order_from_its_start_or_the_key_after_it(tmp_path: Path) -> None:
+    db = SharedMemoryOptions(**OPTIONS).open(tmp_path / "db")
+    try:
+        for key in (b"exc-3", b"exc-1", b"exc-2", b"exc-5"):
+            db[key] = b"v:" + key
+        db.flush()
+
+        assert [k for k, _ in scan_from(db, None)] == [b"exc-1", b"exc-2", b"exc-3", b"exc-5"]
+        assert list(scan_from(db, b"exc-3")) == [(b"exc-3", b"v:exc-3"), (b"exc-5", b"v:exc-5")]
+        assert [k for k, _ in scan_from(db, b"exc-4")] == [b"exc-5"]
+        assert list(scan_from(db, b"exc-6")) == []
+    finally:
+        db.close()
