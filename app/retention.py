@@ -58,7 +58,7 @@ class Sweep:
     """Per partition, when it was last swept and where the next slice starts."""
 
     interval: float
-    limit: int = 1000
+    limit: int = 250
     cursors: dict[int, bytes | None] = field(default_factory=dict)
     _due: AtMostEvery = field(init=False)
 

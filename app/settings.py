@@ -79,10 +79,10 @@ class Settings(BaseSettings):
         "exception forever.",
     )
     exception_sweep_seconds: float = Field(
-        default=10.0,
+        default=2.5,
         gt=0,
         le=3600,
-        description="How often the projection looks at the next 1,000 records of each of its "
+        description="How often the projection looks at the next 250 records of each of its "
         "partitions for closed exceptions past retention.",
     )
     worker_session_timeout_seconds: float = Field(
