@@ -1110,6 +1110,7 @@ class _Folded:
             exception_id = key.decode()
             if exception_id in fingerprints_table:
                 del fingerprints_table[exception_id]
+        metrics.expired(len(expired))
         log.info(
             "retention: deleted %d closed exceptions unchanged for %ss from partition %d",
             len(expired),

@@ -712,6 +712,11 @@ class Metrics:
             ["stage"],
             registry=registry,
         )
+        self.exceptions_expired = Counter(
+            "sluice_exceptions_expired",
+            "Closed exceptions deleted from the worker's tables after their retention.",
+            registry=registry,
+        )
         self.stage_seconds = Histogram(
             "sluice_stage_processing_seconds",
             "Time a stage spent on one input event, decode to idempotency mark.",
@@ -805,6 +810,10 @@ class Metrics:
     def parked(self, stage: str) -> None:
         """An event was parked behind its exception's dead-lettered event."""
         self.events_parked.labels(stage).inc()
+
+    def expired(self, count: int) -> None:
+        """``count`` closed exceptions were deleted after their retention."""
+        self.exceptions_expired.inc(count)
 
     def end_to_end(self, seconds: float) -> None:
         """An exception completed ``seconds`` after it was ingested."""

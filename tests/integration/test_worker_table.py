@@ -124,6 +124,9 @@ async def test_closed_exceptions_past_retention_are_deleted_and_open_ones_kept(
     assert await _status(url[closed]) == (404, None)
     assert await _status(url[still_open], "nobody") == (200, "dead_lettered")
     assert await _status(url[fresh[0]]) == (200, "resolved")
+    async with httpx.AsyncClient() as client:
+        exposition = (await client.get(f"{stack.worker_url(0)}/metrics")).text
+    assert "sluice_exceptions_expired_total 1.0" in exposition.splitlines()
     # The deletions are in the changelogs, so a worker recovering the tables does not restore them.
     # (Faust writes a str key as JSON, a bytes key as is.)
     for table, key in [

@@ -302,6 +302,7 @@ def test_metric_functions_move_their_series() -> None:
         "dupes": sample("sluice_events_duplicates_total", stage=stage),
         "parked": sample("sluice_events_parked_total", stage=stage),
         "e2e": sample("sluice_end_to_end_seconds_count"),
+        "expired": sample("sluice_exceptions_expired_total"),
         "ingest": sample("sluice_ingest_requests_total", route="/unit", status_code="202"),
         "produce": sample("sluice_ingest_produce_seconds_count"),
     }
@@ -313,6 +314,7 @@ def test_metric_functions_move_their_series() -> None:
     metrics.duplicate(stage)
     metrics.parked(stage)
     metrics.end_to_end(1.5)
+    metrics.expired(3)
     metrics.set_dlq_depth(stage, 4)
     metrics.set_consumer_lag("p.ingested", 3, 17)
     metrics.ingest_request("/unit", 202)
@@ -332,6 +334,7 @@ def test_metric_functions_move_their_series() -> None:
     assert sample("sluice_events_duplicates_total", stage=stage) == before["dupes"] + 1
     assert sample("sluice_events_parked_total", stage=stage) == before["parked"] + 1
     assert sample("sluice_end_to_end_seconds_count") == before["e2e"] + 1
+    assert sample("sluice_exceptions_expired_total") == before["expired"] + 3
     assert sample("sluice_dlq_depth", stage=stage) == 4
     assert sample("sluice_consumer_lag", topic="p.ingested", partition="3") == 17
     assert (
