@@ -30,14 +30,19 @@ OFFSET_KEY = b"__faust\x00offset__"
 
 
 def expired(raw: bytes, cutoff: datetime) -> bool:
-    """Whether a stored ExceptionRecord is closed and last changed before ``cutoff``."""
-    state = orjson.loads(raw)["state"]
-    return (
-        state["status"] in CLOSED
-        and not state.get("quarantine")
-        and not state.get("parked")
-        and datetime.fromisoformat(state["updated_at"]) < cutoff
-    )
+    """Whether a stored ExceptionRecord is closed and last changed before ``cutoff``. A value that
+    does not read as one is kept: the sweep runs inside the projection's batches, and one odd record
+    must neither stop them nor be deleted on a guess."""
+    try:
+        state = orjson.loads(raw)["state"]
+        return bool(
+            state["status"] in CLOSED
+            and not state.get("quarantine")
+            and not state.get("parked")
+            and datetime.fromisoformat(state["updated_at"]) < cutoff
+        )
+    except (orjson.JSONDecodeError, LookupError, TypeError, ValueError, AttributeError):
+        return False
 
 
 def scan(

@@ -51,6 +51,22 @@ def test_timestamps_in_another_offset_compare_as_instants() -> None:
     assert not expired(record("resolved", later.isoformat()), CUTOFF)
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"not json",
+        b"[]",
+        b'{"history": []}',
+        b'{"state": {"status": "resolved"}}',
+        b'{"state": {"status": "resolved", "updated_at": "yesterday"}}',
+        b'{"state": {"status": "resolved", "updated_at": "2026-10-01T00:00:00"}}',  # naive
+        b'{"state": {"status": ["resolved"], "updated_at": "2026-10-01T00:00:00Z"}}',
+    ],
+)
+def test_a_value_that_does_not_read_as_a_record_is_kept_without_an_error(raw: bytes) -> None:
+    assert not expired(raw, CUTOFF)
+
+
 def _store(records: dict[bytes, bytes]) -> list[tuple[bytes, bytes]]:
     return sorted(records.items())
 
