@@ -11,6 +11,7 @@ from faust.stores.rocksdb import RocksDBOptions
 from pydantic import ValidationError
 from rocksdict import Rdict
 
+from app import rocks
 from app.rocks import AtMostEvery, MiB, SharedMemoryOptions, scan_from, shared_memory
 from app.settings import Settings, get_settings
 
@@ -114,3 +115,21 @@ def test_a_scan_goes_in_key_order_from_its_start_or_the_key_after_it(tmp_path: P
         assert list(scan_from(db, b"exc-6")) == []
     finally:
         db.close()
+
+
+def test_rocksdb_s_info_log_is_cut_and_its_old_files_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rocks, "INFO_LOG_BYTES", 8 * 1024)
+    db = SharedMemoryOptions(**OPTIONS).open(tmp_path / "db")
+    try:
+        for i in range(300):  # every flush writes lines to the info log
+            db[f"k{i}".encode()] = os.urandom(64)
+            db.flush()
+    finally:
+        db.close()
+
+    logs = sorted(p for p in (tmp_path / "db").iterdir() if p.name.startswith("LOG"))
+    assert "LOG" in {p.name for p in logs}
+    assert len(logs) <= rocks.INFO_LOG_FILES
+    assert sum(p.stat().st_size for p in logs) < rocks.INFO_LOG_FILES * 64 * 1024
