@@ -14,6 +14,7 @@ Failures are not written: a later redrive of the plan tries the failed step afre
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from schemas.events import (
 )
 
 STAGE = "tool"
+
+log = logging.getLogger("sluice.tool")
 
 
 @dataclass(frozen=True)
@@ -212,7 +215,21 @@ async def _run_step(
                     first=first_failure,
                     last=last_failure,
                 )
-            await sleep(backoff_delay(attempts, policy, exc.retry_after, rng))
+            delay = backoff_delay(attempts, policy, exc.retry_after, rng)
+            log.warning(
+                "exception %s step %r (%s.%s): attempt %d of %d failed, again in %.2fs with "
+                "Idempotency-Key %s: %s",
+                event.exception_id,
+                step.step_id,
+                step.tool,
+                step.action,
+                attempts,
+                policy.max_attempts,
+                delay,
+                key,
+                exc.message,
+            )
+            await sleep(delay)
         else:
             return _result(step, key, "succeeded", {**detail, "attempts": attempts})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -198,9 +199,11 @@ async def test_transient_failures_are_retried_until_success(
     ledger: MappingLedger,
     clock: Clock,
     sleep: FakeSleep,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     server.fail("/tickets", 503, times=2)
-    out = await run(planned(TICKET), tools, ledger, clock, sleep)
+    with caplog.at_level(logging.WARNING, logger="sluice.tool"):
+        out = await run(planned(TICKET), tools, ledger, clock, sleep)
 
     [result] = out.payload.results
     assert result.status == "succeeded"
@@ -209,6 +212,11 @@ async def test_transient_failures_are_retried_until_success(
     assert server.calls_by_idempotency_key() == {result.idempotency_key: 3}
     assert len(sleep.delays) == 2
     assert all(0 <= d <= POLICY.max_seconds for d in sleep.delays)
+    # Each call that is made again says so, with the key the endpoint sees twice.
+    retried = [r.getMessage() for r in caplog.records if r.name == "sluice.tool"]
+    assert len(retried) == 2
+    assert "attempt 1 of 3 failed" in retried[0] and "attempt 2 of 3 failed" in retried[1]
+    assert all(result.idempotency_key in m and "503" in m for m in retried)
 
 
 async def test_retry_after_on_429_is_honoured(
