@@ -253,6 +253,8 @@ Output = tuple[faust.TopicT, bytes, EventBase]
 OperatorRequest = (ExceptionRedriveRequested, ExceptionDiscardRequested)
 Handler = Callable[[Event, bool], Awaitable[list[Output]]]
 
+PROJECTION = "projection"  # the stage that folds every topic's events into exception records
+
 # Failures worth retrying in place: the network or a dependency, not the event itself.
 TRANSIENT = (OSError, TimeoutError, httpx.TransportError, ToolError)
 
@@ -472,11 +474,19 @@ class StageRunner:
         if pending.outgoing:
             await send_outgoing(pending.outgoing)
         at = now()
-        for record, event_id in pending.marks:
-            _current_event.set(weakref.ref(record))
-            self.processed.mark(event_id, at)
-        if self.on_flush is not None:
-            self.on_flush()
+        # Each mark (and each record the projection writes) goes to the changelog partition of its
+        # own event, so the current event moves; it is put back for the caller, whose next table
+        # writes (a dead letter's or a redrive's quarantine, a redriven tool step's ledger entry)
+        # belong to the partition of the event it is handling, not to the batch's last one.
+        handling = _current_event.get(None)
+        try:
+            for record, event_id in pending.marks:
+                _current_event.set(weakref.ref(record))
+                self.processed.mark(event_id, at)
+            if self.on_flush is not None:
+                self.on_flush()
+        finally:
+            _current_event.set(handling)
         writes = _batch_writes.get()
         if writes:
             written = list(writes)
@@ -515,7 +525,7 @@ class StageRunner:
         if isinstance(event, OperatorRequest) and event.payload.stage == self.name:
             await self.operate(event, span)
             return True
-        if isinstance(event, OperatorRequest) and self.name != "projection":
+        if isinstance(event, OperatorRequest) and self.name != PROJECTION:
             span.set_outcome("processed")
             return True  # addressed to another stage that shares the topic
         qid = event.exception_id
@@ -694,7 +704,11 @@ class StageRunner:
         self.stats.parked += 1
         metrics.parked(self.name)
         span.set_outcome("parked")
-        if event is not None:
+        # The note tells the projection that a stage holds this event back. The projection reads
+        # the operations topic itself, so a note about its own parking would come back to it, be
+        # parked behind the same dead letter and make another note, for ever; its quarantine
+        # shows in the DLQ listing instead.
+        if event is not None and self.name != PROJECTION:
             payload = ParkedPayload(
                 stage=self.name,
                 parked_event_id=event.event_id,
@@ -1147,7 +1161,7 @@ policy_runner = _runner("policy", handle_policy)
 playbook_runner = _runner("playbook", handle_playbook)
 tool_runner = _runner("tool", handle_tool)
 projection_runner = _runner(
-    "projection",
+    PROJECTION,
     handle_projection,
     record_processed=False,
     on_flush=folded.write,

@@ -13,7 +13,6 @@ from pathlib import Path
 import httpx
 import orjson
 from aiokafka import AIOKafkaProducer
-from aiokafka.partitioner import DefaultPartitioner
 
 from agents.intake import fingerprint, normalize_message
 from app.kafka_local import LocalKafka, free_port
@@ -23,14 +22,7 @@ from tests.conftest import Names
 from tests.integration.conftest import StackFactory
 from tests.integration.test_pipeline import CHAIN, PAYMENT, get, ingested, post
 from tests.support.mock_http import MockHTTPServer
-from tests.support.stack import PARTITIONS, Stack
-
-_partitioner = DefaultPartitioner()
-
-
-def partition_of(key: bytes) -> int:
-    parts = list(range(PARTITIONS))
-    return int(_partitioner(key, parts, parts))
+from tests.support.stack import PARTITIONS, Stack, partition_of
 
 
 def keys_on(partition: int, prefix: str, n: int) -> list[str]:
@@ -130,6 +122,41 @@ async def test_poison_lands_in_each_stages_dlq_and_the_partition_keeps_flowing(
     assert sorted(decode(r.value).exception_id for r in completed) == sorted(
         e.exception_id for e in behind
     )
+
+
+async def test_a_dead_letter_inside_a_batch_quarantines_on_its_own_partition(
+    stack_factory: StackFactory,
+) -> None:
+    """A batch holds records of several partitions. A dead letter first acks what the batch did
+    before it, and its quarantine must still land on the dead-lettered exception's partition:
+    there the exception's next event looks for it and parks behind it (elsewhere it would not see
+    it, and would run ahead of its own dead letter)."""
+    stack = await stack_factory(workers=0, api=False)  # everything is waiting when it starts
+    t = stack.topics
+    flowing = [ingested(x, 0) for p in range(PARTITIONS) for x in keys_on(p, "flowing", 5)]
+    poisoned = [keys_on(p, "poisoned", 1)[0] for p in range(1, PARTITIONS)]
+    producer = AIOKafkaProducer(bootstrap_servers=stack.bootstrap, acks="all")
+    await producer.start()
+    try:
+        for exception_id in poisoned:  # first on their partitions, behind other partitions' records
+            await producer.send_and_wait(t.ingested, POISON["malformed"], key=exception_id.encode())
+    finally:
+        await producer.stop()
+    # Each poisoned exception's next event right behind its poison, then the flowing ones.
+    await stack.produce_events(t.ingested, [ingested(x, 1) for x in poisoned] + flowing)
+    stack.start_worker(0)
+    stack.wait_ready()
+
+    out = await stack.read_topic(t.fingerprinted, expect=len(flowing))
+    assert sorted(decode(r.value).exception_id for r in out) == sorted(
+        e.exception_id for e in flowing
+    ), "an event behind its exception's dead letter was processed instead of parked"
+    notes = [decode(r.value) for r in await stack.read_topic(t.operations, expect=len(poisoned))]
+    # The intake stage parks each one and says so; the projection, which read the poison too,
+    # parks the same event and that note without a note of its own (it would read and park it).
+    parked = [(n.exception_id, n.payload.stage) for n in notes if n.event_type == "ExceptionParked"]
+    assert sorted(parked) == sorted((x, "intake") for x in poisoned)
+    assert await stack.misplaced_table_writes() == []
 
 
 async def test_transient_tool_failures_are_retried_and_retry_after_honoured(
@@ -346,11 +373,48 @@ async def _assert_each_finished_once(
     assert set(outcomes) <= {"resolved", "dead_lettered"}, outcomes
     assert sum(outcomes.values()) == len(accepted)
     duplicates = {k: n for k, n in mock_server.calls_by_idempotency_key().items() if n > 1}
-    assert duplicates == {}
+    assert duplicates == {}, await _explain_duplicates(stack, mock_server, duplicates)
+    assert await stack.misplaced_table_writes() == []
     for exception_id, status in terminal.items():
         if status == "dead_lettered":
             state = (await get(stack, f"/v1/exceptions/{exception_id}")).json()
             assert state["quarantine"]["error_class"] == "in_doubt", state
+
+
+async def _explain_duplicates(
+    stack: Stack, mock_server: MockHTTPServer, duplicates: dict[str, int]
+) -> str:
+    """For a failure: when each repeated call came, against the worker's log, and what the
+    exception's history says of the step (its attempts), for the first few repeated keys."""
+    lines = [f"{len(duplicates)} idempotency keys were called more than once"]
+    for key in sorted(duplicates)[:5]:
+        times = [
+            time.strftime("%H:%M:%S", time.gmtime(r.at)) + f".{int(r.at % 1 * 1000):03d}"
+            for r in mock_server.calls()
+            if r.idempotency_key == key
+        ]
+        exception_id = key.split(":", 1)[0]
+        events = (await get(stack, f"/v1/exceptions/{exception_id}/events")).json()
+        steps = [
+            (
+                e["event_type"],
+                e["sequence"],
+                [
+                    (
+                        r["step_id"],
+                        r["status"],
+                        r.get("detail", {}).get("attempts"),
+                        r.get("replayed"),
+                    )
+                    for r in e["payload"].get("results", [])
+                ],
+            )
+            for e in events
+            if isinstance(events, list)
+            and e["event_type"] in ("ExceptionPlanned", "ExceptionCompleted")
+        ]
+        lines.append(f"{key}: calls at {times} UTC; {steps}")
+    return "\n".join(lines)
 
 
 async def _post_batches(stack: Stack, reports: list[dict[str, str]]) -> list[str]:

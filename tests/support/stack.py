@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.partitioner import DefaultPartitioner
 
 from app.admin import ensure_topics
 from app.kafka_local import free_port
@@ -26,6 +27,13 @@ from tests.support.procs import SluiceProcess
 from tests.support.tenants import KEYS, write_config
 
 PARTITIONS = 4
+_partitioner = DefaultPartitioner()
+
+
+def partition_of(key: bytes) -> int:
+    """The partition Kafka's default partitioner (the API's and the workers') gives ``key``."""
+    parts = list(range(PARTITIONS))
+    return int(_partitioner(key, parts, parts))
 
 
 @dataclass
@@ -178,28 +186,11 @@ class Stack:
 
         wanted = {k.encode() for k in keys}
         partitions = [TopicPartition(t, p) for t in self.topics.all() for p in range(PARTITIONS)]
-        found: list[tuple[str, int, int, bytes, str]] = []
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap, enable_auto_commit=False, group_id=None
-        )
-        await consumer.start()
-        try:
-            consumer.assign(partitions)
-            await consumer.seek_to_beginning(*partitions)
-            ends = await consumer.end_offsets(partitions)
-            pending = {tp for tp, end in ends.items() if end > 0}
-            while pending:
-                batch = await consumer.getmany(*pending, timeout_ms=1000)
-                for tp, recs in batch.items():
-                    for r in recs:
-                        if r.key in wanted:
-                            kind = _event_type(r.value)
-                            found.append((tp.topic, tp.partition, r.offset, r.key, kind))
-                for tp in list(pending):
-                    if await consumer.position(tp) >= ends[tp]:
-                        pending.discard(tp)
-        finally:
-            await consumer.stop()
+        found = [
+            (tp.topic, tp.partition, r.offset, r.key, _event_type(r.value))
+            for tp, r in await self.read_partitions(partitions)
+            if r.key in wanted
+        ]
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
         await admin.start()
         try:
@@ -214,6 +205,58 @@ class Stack:
                 f"(group committed {done.get(partition)})"
             )
         return "\n".join(lines) or "no records with these keys"
+
+    async def read_partitions(
+        self, partitions: list[TopicPartition]
+    ) -> list[tuple[TopicPartition, Any]]:
+        """Every record of these partitions, from their start to the end they have now."""
+        found: list[tuple[TopicPartition, Any]] = []
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, enable_auto_commit=False, group_id=None
+        )
+        await consumer.start()
+        try:
+            consumer.assign(partitions)
+            await consumer.seek_to_beginning(*partitions)
+            ends = await consumer.end_offsets(partitions)
+            pending = {tp for tp, end in ends.items() if end > 0}
+            while pending:
+                batch = await consumer.getmany(*pending, timeout_ms=1000)
+                found += [(tp, r) for tp, recs in batch.items() for r in recs]
+                for tp in list(pending):
+                    if await consumer.position(tp) >= ends[tp]:
+                        pending.discard(tp)
+        finally:
+            await consumer.stop()
+        return found
+
+    async def misplaced_table_writes(self) -> list[str]:
+        """Changelog records of the tables kept per exception that sit in another partition than
+        the exception's (its id's partition, where its events and lookups are). Such a write is
+        invisible to the lookups, and after a rebalance it moves with the wrong partition. The
+        group stage's quarantine entries are left out: its input is keyed by fingerprint group."""
+        tables = ("quarantine", "tool-ledger", "exceptions", "exception-fingerprints")
+        partitions = [
+            TopicPartition(f"{self.app_id}-{table}-changelog", p)
+            for table in tables
+            for p in range(PARTITIONS)
+        ]
+        misplaced = []
+        for tp, record in await self.read_partitions(partitions):
+            key = record.key.decode()
+            key = orjson.loads(key) if key.startswith('"') else key  # str keys are JSON
+            if tp.topic.endswith("-quarantine-changelog"):
+                stage, exception_id = key.split(":", 1)
+                if stage == "group":
+                    continue
+            else:
+                exception_id = key.split(":", 1)[0]  # a ledger key starts with it
+            if partition_of(exception_id.encode()) != tp.partition:
+                misplaced.append(
+                    f"{tp.topic}[{tp.partition}]@{record.offset} {key!r}: its exception is on "
+                    f"partition {partition_of(exception_id.encode())}"
+                )
+        return misplaced
 
     async def wait_for_state(
         self, exception_id: str, status: Iterable[str], tenant: str = "acme", timeout: float = 90.0
