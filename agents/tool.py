@@ -124,7 +124,8 @@ async def execute(
         if done is not None:
             results.append(done.model_copy(update={"replayed": True}))
             continue
-        if ledger.in_flight(key) and not retry_in_doubt:
+        began = ledger.in_flight(key)
+        if began is not None and not retry_in_doubt:
             at = now().isoformat()
             results.append(
                 _failed(
@@ -133,9 +134,9 @@ async def execute(
                     error_class="in_doubt",
                     message=(
                         f"A worker stopped while step {step.step_id!r} was calling tool "
-                        f"{step.tool!r}, so whether the call took effect is unknown. Check the "
-                        "tool, then redrive (it calls again with the same Idempotency-Key) or "
-                        "discard."
+                        f"{step.tool!r} (the call began at {began.isoformat()}), so whether the "
+                        "call took effect is unknown. Check the tool, then redrive (it calls "
+                        "again with the same Idempotency-Key) or discard."
                     ),
                     attempts=0,
                     status=None,

@@ -60,8 +60,9 @@ class Ledger(Protocol):
         """Record that a call is about to be made (an in-flight marker, replaced by put)."""
         ...
 
-    def in_flight(self, key: str) -> bool:
-        """True when a call was begun and no result was recorded: its outcome is unknown."""
+    def in_flight(self, key: str) -> datetime | None:
+        """When a call was begun that has no result recorded (its outcome is unknown); None when
+        there is no such call."""
         ...
 
     def abandon(self, key: str) -> None:
@@ -141,11 +142,13 @@ class MappingLedger:
     def begin(self, key: str, at: datetime) -> None:
         self._mapping[key] = orjson.dumps({"t": _epoch(at), "r": None, "begun": True})
 
-    def in_flight(self, key: str) -> bool:
+    def in_flight(self, key: str) -> datetime | None:
         if key not in self._mapping:
-            return False
+            return None
         raw = orjson.loads(self._mapping[key])
-        return raw.get("r") is None and bool(raw.get("begun"))
+        if raw.get("r") is None and raw.get("begun"):
+            return datetime.fromtimestamp(float(raw["t"]), UTC)
+        return None
 
     def abandon(self, key: str) -> None:
         if self.in_flight(key):

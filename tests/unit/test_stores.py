@@ -163,18 +163,18 @@ def test_ledger_results_survive_reopening(persistent: Backend) -> None:
 
 def test_ledger_in_flight_marker_lifecycle(backend: Backend) -> None:
     ledger = MappingLedger(backend.mapping)
-    assert not ledger.in_flight("k")
+    assert ledger.in_flight("k") is None
     ledger.begin("k", T0)
-    assert ledger.in_flight("k")
+    assert ledger.in_flight("k") == T0, "the marker says when the call began"
     assert ledger.get("k") is None, "an intent is not a result"
     ledger.put("k", result(), T0)
-    assert not ledger.in_flight("k")
+    assert ledger.in_flight("k") is None
     assert ledger.get("k") == result()
     ledger.abandon("k")  # a recorded result is never dropped by abandon
     assert ledger.get("k") == result()
     ledger.begin("k2", T0)
     ledger.abandon("k2")
-    assert not ledger.in_flight("k2")
+    assert ledger.in_flight("k2") is None
     assert ledger.get("k2") is None
 
 

@@ -436,9 +436,10 @@ async def test_a_call_begun_but_never_answered_is_in_doubt_and_not_repeated(
     first, second = out.payload.results
     assert (first.status, first.detail["error_class"]) == ("failed", "in_doubt")
     assert "redrive" in first.detail["message"]
+    assert f"began at {T0.isoformat()}" in first.detail["message"]
     assert second.status == "skipped"
     assert server.calls() == [], "an in-doubt call must not be repeated on its own"
-    assert ledger.in_flight(idempotency_key(event, TICKET))
+    assert ledger.in_flight(idempotency_key(event, TICKET)) == T0
 
 
 async def test_an_operator_redrive_calls_an_in_doubt_step_again_with_the_same_key(
@@ -456,7 +457,7 @@ async def test_an_operator_redrive_calls_an_in_doubt_step_again_with_the_same_ke
     )
     assert out.payload.outcome == "resolved"
     assert [c.idempotency_key for c in server.calls()] == [key]
-    assert not ledger.in_flight(key)
+    assert ledger.in_flight(key) is None
     assert ledger.get(key) == out.payload.results[0]
 
 
@@ -473,7 +474,7 @@ async def test_the_intent_is_made_durable_before_the_call(
     async def durable() -> None:
         # Called after begin(), before the tool is called.
         key = idempotency_key(event, (TICKET, PAGE)[len(seen)])
-        seen.append((ledger.in_flight(key), len(server.calls())))
+        seen.append((ledger.in_flight(key) is not None, len(server.calls())))
 
     out = await execute(
         event, tools, ledger, clock, POLICY, sleep=sleep, rng=seeded(7), durable=durable
@@ -493,7 +494,7 @@ async def test_a_known_failure_clears_the_intent_so_a_redrive_calls_again(
     event = planned(TICKET)
     out = await run(event, tools, ledger, clock, sleep)
     assert out.payload.results[0].detail["error_class"] == "permanent"
-    assert not ledger.in_flight(idempotency_key(event, TICKET))
+    assert ledger.in_flight(idempotency_key(event, TICKET)) is None
 
 
 async def test_a_noop_step_needs_no_durable_intent(
