@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, cast
 
 import rocksdict
@@ -80,6 +81,30 @@ INFO_LOG_FILES = 2
 
 class SharedMemoryOptions(faust_rocksdb.RocksDBOptions):
     """Faust's RocksDB options, but with the process's shared cache and write buffer manager."""
+
+    def open(self, path: Path, *, read_only: bool = False) -> rocksdict.Rdict:
+        """Open one instance with these options, given for its one column family as well.
+
+        Given only the database's options, rocksdict reads the column family's back from the
+        OPTIONS file RocksDB keeps in the folder. For a table with a TTL (the idempotency tables
+        and the tool ledger) those hold the TTL compaction filter, and RocksDB wraps it in one
+        more at every open: from the fourth open of a folder on, the nested filters took bytes of
+        each value for expiry times and compactions dropped every record, so a worker restarted a
+        few times forgot what it had processed and called tools again. Faust's own ``open`` also
+        sets ``db_paths`` on an options object it then does not pass; it is left out here."""
+        access = (
+            rocksdict.AccessType.read_write()
+            if self.ttl is None
+            else rocksdict.AccessType.with_ttl(self.ttl)
+        )
+        db = rocksdict.Rdict(
+            str(path),
+            options=self.as_options(),
+            column_families={"default": self.as_options()},
+            access_type=access,
+        )
+        db.set_read_options(rocksdict.ReadOptions())
+        return db
 
     def as_options(self) -> rocksdict.Options:
         shared = shared_memory()

@@ -133,3 +133,29 @@ def test_rocksdb_s_info_log_is_cut_and_its_old_files_dropped(
     assert "LOG" in {p.name for p in logs}
     assert len(logs) <= rocks.INFO_LOG_FILES
     assert sum(p.stat().st_size for p in logs) < rocks.INFO_LOG_FILES * 64 * 1024
+
+
+def test_a_table_with_a_ttl_keeps_its_records_however_often_it_is_reopened(
+    tmp_path: Path,
+) -> None:
+    """A worker reopens its tables at every start. Each open of a TTL instance used to wrap the
+    TTL compaction filter persisted in the folder in one more, and from the fourth open on the
+    nested filters read bytes of the values as expiry times: compaction dropped every record."""
+    path = tmp_path / "tool-ledger-3.db"
+    value = b'{"t":1795348186.1,"r":{"step_id":"log","attempts":1},"replayed":false}}'
+    written: list[bytes] = []
+    for start in range(6):
+        db = SharedMemoryOptions(**OPTIONS, ttl=7 * 86_400).open(path)
+        try:
+            keys = [f"start-{start}-key-{i}".encode() for i in range(100)]
+            for key in keys:
+                db[key] = value
+            written += keys
+            db.flush()
+            db.compact_range(None, None)
+            assert len(list(db.keys())) == len(written), f"records lost at open {start + 1}"
+            assert all(db[key] == value for key in written)
+        finally:
+            db.close()
+    [latest] = sorted(path.glob("OPTIONS-*"))[-1:]
+    assert latest.read_text().count("id=TtlCompactionFilterFactory") == 1
