@@ -13,7 +13,7 @@ MutableMapping) in the worker. Values are compact orjson documents that keep the
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -122,11 +122,12 @@ class MappingLedger:
     def __init__(self, mapping: BytesMapping) -> None:
         self._mapping = mapping
 
+    def _entry(self, key: str) -> dict[str, Any] | None:
+        return orjson.loads(self._mapping[key]) if key in self._mapping else None
+
     def get(self, key: str) -> StepResult | None:
-        if key not in self._mapping:
-            return None
-        raw = orjson.loads(self._mapping[key])
-        if raw.get("r") is None and raw.get("begun"):
+        raw = self._entry(key)
+        if raw is None or _is_marker(raw):
             return None
         try:
             return StepResult.model_validate(raw["r"])
@@ -143,19 +144,22 @@ class MappingLedger:
         self._mapping[key] = orjson.dumps({"t": _epoch(at), "r": None, "begun": True})
 
     def in_flight(self, key: str) -> datetime | None:
-        if key not in self._mapping:
+        raw = self._entry(key)
+        if raw is None or not _is_marker(raw):
             return None
-        raw = orjson.loads(self._mapping[key])
-        if raw.get("r") is None and raw.get("begun"):
-            return datetime.fromtimestamp(float(raw["t"]), UTC)
-        return None
+        return datetime.fromtimestamp(float(raw["t"]), UTC)
 
     def abandon(self, key: str) -> None:
-        if self.in_flight(key):
+        if self.in_flight(key) is not None:
             del self._mapping[key]
 
     def expire(self, before: datetime) -> int:
         return _expire(self._mapping, _epoch(before), _ledger_stamp)
+
+
+def _is_marker(raw: Mapping[str, Any]) -> bool:
+    """Whether a ledger entry is an in-flight marker (a call begun, no result recorded)."""
+    return raw.get("r") is None and bool(raw.get("begun"))
 
 
 def _ledger_stamp(raw: bytes) -> float:
