@@ -395,6 +395,8 @@ async def _explain_duplicates(
         ]
         exception_id = key.split(":", 1)[0]
         events = (await get(stack, f"/v1/exceptions/{exception_id}/events")).json()
+        if not isinstance(events, list):  # an error body: nothing to show
+            events = []
         steps = [
             (
                 e["event_type"],
@@ -410,8 +412,7 @@ async def _explain_duplicates(
                 ],
             )
             for e in events
-            if isinstance(events, list)
-            and e["event_type"] in ("ExceptionPlanned", "ExceptionCompleted")
+            if e["event_type"] in ("ExceptionPlanned", "ExceptionCompleted")
         ]
         lines.append(f"{key}: calls at {times} UTC; {steps}")
     return "\n".join(lines)

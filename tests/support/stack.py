@@ -251,10 +251,11 @@ class Stack:
                     continue
             else:
                 exception_id = key.split(":", 1)[0]  # a ledger key starts with it
-            if partition_of(exception_id.encode()) != tp.partition:
+            home = partition_of(exception_id.encode())
+            if home != tp.partition:
                 misplaced.append(
                     f"{tp.topic}[{tp.partition}]@{record.offset} {key!r}: its exception is on "
-                    f"partition {partition_of(exception_id.encode())}"
+                    f"partition {home}"
                 )
         return misplaced
 
