@@ -84,7 +84,8 @@ def worker(
     from faust import Worker
 
     from app.admin import ensure_changelogs, ensure_topics
-    from app.telemetry import instrument_httpx, logging_config, metrics, setup_tracing
+    from app.faust_worker import run_worker
+    from app.telemetry import instrument_httpx, metrics, setup_tracing
     from app.topics import STAGES
     from schemas.config import ConfigError
 
@@ -113,26 +114,7 @@ def worker(
                 self.log.warning("events still in flight after the drain; they will be redone")
             await super()._stop_on_signal(signal)
 
-    if settings.worker_event_loop == "uvloop":
-        # uvloop's event loop (libuv, in C) costs less per wake-up than asyncio's own, and a stage
-        # worker wakes up for every fetch, send and ack (docs/performance.md).
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    worker = SluiceWorker(
-        app,
-        loglevel=loglevel.lower(),
-        quiet=True,
-        # Keep sys.stderr the real stderr: our log handler writes there, and mode's redirect would
-        # feed it back into logging, where the records were dropped.
-        redirect_stdouts=False,
-        logging_config=logging_config(loglevel, settings.log_format == "json"),
-    )
-    # Faust's terminal spinner sets the root logger to DEBUG (whatever the level asked for), so
-    # every debug call in aiokafka and Faust built a log record: 8-13 % of the worker's CPU and
-    # seconds of p99 latency (docs/performance.md).
-    worker.spinner = None
-    worker.execute_from_commandline()
+    run_worker(app, settings, loglevel, SluiceWorker)
 
 
 @cli.command("api")

@@ -52,6 +52,7 @@ from agents.tool import RetryPolicy, backoff_delay, execute
 from agents.tools import Tool, ToolError, build_tools
 from agents.triage import triage
 from app.faust_app import app, settings, topics
+from app.faust_worker import take_batches
 from app.retention import Sweep
 from app.rocks import Store
 from app.stores import Decoded, MappingLedger, MappingProcessedStore, ProcessedStore
@@ -403,25 +404,17 @@ class StageRunner:
         STATS[self.name] = self.stats
 
     async def run(self, stream: faust.StreamT[bytes]) -> None:
-        # Records are taken in batches: whatever is already fetched (up to worker_batch_max) is
-        # processed in order, the batch's outputs are sent together and their acks awaited once,
-        # and only then are the inputs marked processed and acked. A lone record is not held back
-        # waiting for company: the batch ends as soon as nothing more is buffered.
+        # Records are taken in batches (app.faust_worker.take_batches): whatever is already fetched
+        # (up to worker_batch_max) is processed in order, the batch's outputs are sent together and
+        # their acks awaited once, and only then are the inputs marked processed and acked.
         #
         # Acks are manual: a batch is acked only if no rebalance happened while it was taken or
         # processed. Faust clears its buffers on a rebalance, and an ack arriving after that could
         # let it commit past the cleared (never processed) events of a partition whose committed
         # offset it has not recorded yet; unacked, the events are simply delivered again.
-        buffered = getattr(getattr(stream, "channel", None), "queue", None)
-        batch: list[faust.EventT] = []
-        async for record in cast(Any, stream).noack().events():
-            if not batch:
-                generation = rebalances.count
-            batch.append(record)
-            more = buffered is not None and not buffered.empty()
-            if more and len(batch) < settings.worker_batch_max:
-                continue
-            records, batch = batch, []
+        async for generation, records in take_batches(
+            stream, settings.worker_batch_max, _rebalance_count
+        ):
             if drain.draining:
                 await drain.stopped.wait()  # shutting down: leave them unacked for redelivery
             # A batch taken across a rebalance is not acked: its records are fetched again from
