@@ -7,6 +7,11 @@ a. **raw relay**: the same six hops as the pipeline (ingested -> fingerprinted -
    -> decided -> planned -> completed) relayed by plain aiokafka consumers and producers (getmany,
    send the batch, await the acks, then commit: at-least-once), with the same partition count and
    the same encoded ``ExceptionIngested`` bytes. Records/s end to end is the ceiling.
+a2. **Faust chain** (``--skip-chain`` leaves it out): the same hops as a bare chain of Faust agents
+   (:mod:`app.bench_chain`), with the pipeline's app settings, batching and sends but no work per
+   record. What it moves bounds what any design of one Faust agent per stage can move; the
+   pipeline's share of it is what Sluice's own work costs. Both a and a2 report the CPU one record
+   costs at one hop.
 b. **pipeline**: a real ``sluice worker`` subprocess with every guarantee on (idempotency tables,
    tool ledger, acked sends before the mark, projection). N events are produced to the ingested topic
    as fast as possible; exceptions/s runs from the first produce to the last ``ExceptionCompleted``
@@ -23,7 +28,8 @@ d. **API ingest**: a ``sluice api`` subprocess under a bounded load generator (f
    fixed count) on loopback, for ``POST /v1/exceptions`` and ``POST /v1/exceptions:batch``.
 
 Progress goes to stderr, a table to stdout, and everything to ``results/bench-<timestamp>.json``.
-Every process started here (broker, worker, API, relays, py-spy) is stopped on exit, Ctrl-C included.
+Every process started here (broker, worker, API, relays, chain, py-spy) is stopped on exit, Ctrl-C
+included.
 The pure helpers (percentiles, /proc parsing, profile attribution, targets, table) are unit tested.
 """
 
@@ -567,8 +573,11 @@ def _throughput_target(result: dict[str, Any]) -> dict[str, Any] | None:
     if not (raw.get("records_per_s") and pipe.get("exceptions_per_s")):
         return None
     ratio = pipe["exceptions_per_s"] / raw["records_per_s"]
+    # what a bare chain of Faust agents reaches in the same run bounds what any stage design can
+    chain = _share((result.get("chain") or {}).get("records_per_s"), raw)
+    ceiling = f" (bare Faust chain: {chain}%)" if chain is not None else ""
     return {
-        "measured": f"{round(100 * ratio, 1)}%",
+        "measured": f"{round(100 * ratio, 1)}%{ceiling}",
         "status": "pass" if ratio >= 0.5 else "miss",
         "stretch": "pass" if ratio >= 0.7 else "miss",
     }
@@ -615,6 +624,7 @@ def _ingest_target(result: dict[str, Any]) -> dict[str, Any] | None:
     return {"measured": f"{batch}/s", "status": "pass" if batch >= 5000 else "miss"}
 
 
+PHASE_KEYS = ("startup", "raw", "chain", "pipeline", "latency", "profile", "memory", "api")
 RESULT_KEYS = (
     "schema",
     "started_at",
@@ -622,13 +632,7 @@ RESULT_KEYS = (
     "command",
     "host",
     "config",
-    "startup",
-    "raw",
-    "pipeline",
-    "latency",
-    "profile",
-    "memory",
-    "api",
+    *PHASE_KEYS,
     "targets",
     "notes",
 )
@@ -652,10 +656,7 @@ def build_result(
         "command": list(command),
         "host": host,
         "config": config,
-        **{
-            k: phases.get(k)
-            for k in ("startup", "raw", "pipeline", "latency", "profile", "memory", "api")
-        },
+        **{k: phases.get(k) for k in PHASE_KEYS},
         "notes": list(notes),
     }
     result["targets"] = evaluate_targets(result)
@@ -666,19 +667,29 @@ def summary_table(result: dict[str, Any]) -> str:
     """The human summary: one row per measured figure, then the targets."""
     rows: list[tuple[str, str, object, str]] = []
     raw, pipe, lat = result.get("raw"), result.get("pipeline"), result.get("latency")
+    chain = result.get("chain")
     if raw:
         rows.append(
             ("a raw relay", "records/s end to end", raw.get("records_per_s"), _raw_note(raw))
         )
+    if chain:
+        note = (
+            f"{chain.get('hops')} agents, CPU {chain.get('relay_cpu_pct')}%, "
+            f"{chain.get('cpu_us_per_record_hop')} us/record/hop, "
+            f"other processes {(chain.get('cpu') or {}).get('others_cpu_pct', '-')}%"
+        )
+        rows.append(("a2 Faust chain", "records/s end to end", chain.get("records_per_s"), note))
+        if (pct := _share(chain.get("records_per_s"), raw)) is not None:
+            rows.append(("a2 Faust chain", "% of raw relay", pct, ""))
     if pipe:
         note = (
             f"{pipe.get('completed')}/{pipe.get('events')} done, "
             f"workers={pipe.get('workers', 1)}, tools={pipe.get('tools')}"
         )
         rows.append(("b pipeline", "exceptions/s end to end", pipe.get("exceptions_per_s"), note))
-        if raw and raw.get("records_per_s"):
-            pct = round(100 * pipe["exceptions_per_s"] / raw["records_per_s"], 1)
-            rows.append(("b pipeline", "% of raw relay", pct, ""))
+        for label, whole in (("% of raw relay", raw), ("% of Faust chain", chain)):
+            if (pct := _share(pipe.get("exceptions_per_s"), whole)) is not None:
+                rows.append(("b pipeline", label, pct, ""))
         for stage, secs in (pipe.get("stage_finish_s") or {}).items():
             rows.append(("b pipeline", f"  {stage} last output at s", secs, "after first produce"))
         rows.append(
@@ -771,10 +782,17 @@ def summary_table(result: dict[str, Any]) -> str:
     return text + "\n\n" + format_table(["target", "measured", "status"], target_rows)
 
 
+def _share(rate_: float | None, of: dict[str, Any] | None) -> float | None:
+    """``rate_`` as a percentage of the records/s of phase ``of`` (None if either is missing)."""
+    base = (of or {}).get("records_per_s")
+    return round(100 * rate_ / base, 1) if rate_ and base else None
+
+
 def _raw_note(raw: dict[str, Any]) -> str:
     others = (raw.get("cpu") or {}).get("others_cpu_pct", "-")
     return (
         f"{raw.get('mode')}, {raw.get('hops')} hops, relay CPU {raw.get('relay_cpu_pct')}%, "
+        f"{raw.get('cpu_us_per_record_hop')} us/record/hop, "
         f"other processes {others}%"
     )
 
@@ -1279,6 +1297,55 @@ async def run_raw(
         relays.append(
             ctx.procs.start(f"relay-{tag}-{i}", [sys.executable, "-c", code, json.dumps(cfg)])
         )
+    echo(f"raw relay ({mode}): {events:,} records over {HOPS} hops")
+    figures = await relay_through(ctx, relays, topics, "raw", events, warmup, within)
+    return {
+        "mode": mode,
+        "processes": len(relays),
+        **figures,
+        "semantics": "getmany -> send batch -> await acks (acks=all) -> commit at most every 1s",
+    }
+
+
+async def run_chain(ctx: BenchContext, events: int, warmup: int, within: float) -> dict[str, Any]:
+    """Phase a2: the same hops as a bare chain of Faust agents (app/bench_chain.py), batched and
+    configured as the pipeline's stages are: Faust's own ceiling for one agent per stage."""
+    from app.kafka_local import free_port
+    from app.settings import Settings
+
+    tag = uuid.uuid4().hex[:8]
+    topics = [f"bench-chain-{tag}.h{i}" for i in range(HOPS + 1)]
+    await ensure(ctx.bootstrap, topics, ctx.partitions)
+    env = ctx.env(
+        SLUICE_APP_ID=f"{ctx.app_id}-chain",
+        SLUICE_WORKER_WEB_PORT=str(free_port()),
+        SLUICE_WORKER_DATA_DIR=str(ctx.root / "chain-data"),
+        SLUICE_BENCH_HOPS=json.dumps(list(itertools.pairwise(topics))),
+    )
+    chain = ctx.procs.start(f"chain-{tag}", [sys.executable, "-m", "app.bench_chain"], env)
+    echo(f"Faust chain: {events:,} records over {HOPS} agents")
+    figures = await relay_through(ctx, [chain], topics, "chain", events, warmup, within)
+    return {
+        **figures,
+        "batch_max": Settings().worker_batch_max,
+        "semantics": (
+            "one Faust agent per hop, Sluice's app settings and batching: take the fetched "
+            "records -> send each (force, acks=all) -> await the acks -> ack"
+        ),
+    }
+
+
+async def relay_through(
+    ctx: BenchContext,
+    relays: list[Proc],
+    topics: list[str],
+    name: str,
+    events: int,
+    warmup: int,
+    within: float,
+) -> dict[str, Any]:
+    """Push ``events`` records into ``topics[0]`` and time them out of ``topics[-1]``, once the
+    ``relays`` (stopped at the end) are ready and a warm-up went through; their CPU is metered."""
     try:
         await _wait_ready_lines(relays, within=90)
         watcher = Watcher(ctx.bootstrap, topics[-1], ctx.partitions)
@@ -1287,11 +1354,10 @@ async def run_raw(
         await producer.start()
         try:
             if warmup:
-                await produce(producer, topics[0], ctx.maker.batch("rawwarm", 0, warmup))
-                warm = phase_of(ctx.maker.key("rawwarm", 0))
-                await watcher.wait_for(warm, warmup, within, "raw warm-up", procs=relays)
-            echo(f"raw relay ({mode}): {events:,} records over {HOPS} hops")
-            payload = list(ctx.maker.batch("raw", 0, events))
+                await produce(producer, topics[0], ctx.maker.batch(f"{name}warm", 0, warmup))
+                warm = phase_of(ctx.maker.key(f"{name}warm", 0))
+                await watcher.wait_for(warm, warmup, within, f"{name} warm-up", procs=relays)
+            payload = list(ctx.maker.batch(name, 0, events))
             phase = phase_of(payload[0][0])
             meter = CpuMeter(
                 {f"relay{i}": p.pid for i, p in enumerate(relays)} | ctx.broker_pid()
@@ -1299,7 +1365,7 @@ async def run_raw(
             t0 = time.perf_counter()
             await produce(producer, topics[0], payload)
             produced_s = time.perf_counter() - t0
-            ok = await watcher.wait_for(phase, events, within, "raw relay", procs=relays)
+            ok = await watcher.wait_for(phase, events, within, name, procs=relays)
             end = watcher.last_new.get(phase, time.perf_counter())
             cpu = meter.stop()
         finally:
@@ -1312,8 +1378,6 @@ async def run_raw(
     elapsed = end - t0
     relay_cpu = sum(v for k, v in cpu.items() if k.startswith("relay") and k.endswith("_cpu_s"))
     return {
-        "mode": mode,
-        "processes": len(relays),
         "hops": HOPS,
         "partitions": ctx.partitions,
         "events": events,
@@ -1326,8 +1390,9 @@ async def run_raw(
         "hop_records_per_s": rate(done * HOPS, elapsed),
         "relay_cpu_s": round(relay_cpu, 2),
         "relay_cpu_pct": round(100 * relay_cpu / cpu["wall_s"], 1) if cpu["wall_s"] else None,
+        # what one record costs the relaying process(es) at one hop, comparable across the two
+        "cpu_us_per_record_hop": round(1e6 * relay_cpu / (done * HOPS), 1) if done else None,
         "cpu": cpu,
-        "semantics": "getmany -> send batch -> await acks (acks=all) -> commit at most every 1s",
     }
 
 
@@ -2108,6 +2173,7 @@ class Options:
     worker_log_level: str = "warning"
     worker_command: str | None = None
     workers: int = 1
+    skip_chain: bool = False
     stamp: str = ""
 
     @property
@@ -2122,6 +2188,7 @@ class Options:
             "partitions": self.partitions,
             "tools": self.tools_label,
             "raw_mode": self.raw_mode,
+            "chain": not self.skip_chain,
             "warmup": self.warmup,
             "timeout_s": self.timeout,
             "memory_checkpoints": self.checkpoints if self.memory else None,
@@ -2141,6 +2208,9 @@ async def _main(ctx: BenchContext, opts: Options, phases: dict[str, Any], notes:
     if not opts.skip_raw:
         phases["raw"] = await run_raw(ctx, opts.events, opts.raw_mode, opts.warmup, opts.timeout)
         echo(f"raw relay: {phases['raw']['records_per_s']:,}/s")
+    if not opts.skip_chain:
+        phases["chain"] = await run_chain(ctx, opts.events, opts.warmup, opts.timeout)
+        echo(f"Faust chain: {phases['chain']['records_per_s']:,}/s")
     await run_pipeline_phases(ctx, opts, phases, notes)
     pipe = phases.get("pipeline") or {}
     echo(f"pipeline: {pipe.get('exceptions_per_s')}/s with {opts.workers} worker(s)")
@@ -2264,6 +2334,9 @@ def bench(
     partitions: Annotated[int, typer.Option(min=1, help="Partitions per topic.")] = 8,
     skip_api: Annotated[bool, typer.Option(help="Skip the API ingest phase.")] = False,
     skip_raw: Annotated[bool, typer.Option(help="Skip the raw aiokafka relay.")] = False,
+    skip_chain: Annotated[
+        bool, typer.Option(help="Skip the bare Faust chain (Faust's own ceiling).")
+    ] = False,
     memory: Annotated[bool, typer.Option(help="Sample RSS and table size at checkpoints.")] = False,
     memory_checkpoints: Annotated[
         str, typer.Option(help="Distinct exceptions at which --memory samples (100k, 1M ok).")
@@ -2328,6 +2401,7 @@ def bench(
         partitions=partitions,
         skip_api=skip_api,
         skip_raw=skip_raw,
+        skip_chain=skip_chain,
         memory=memory,
         checkpoints=checkpoints,
         tools=tools,

@@ -355,6 +355,7 @@ def test_frame_parts() -> None:
 def _phases(rss_growth: float = 0.05) -> dict[str, Any]:
     return {
         "raw": {"records_per_s": 2000.0, "mode": "tasks", "hops": 6, "relay_cpu_pct": 80.0},
+        "chain": {"records_per_s": 1600.0, "hops": 6, "relay_cpu_pct": 90.0},
         "pipeline": {
             "exceptions_per_s": 1200.0,
             "events": 5000,
@@ -425,7 +426,9 @@ def test_result_document_shape_is_stable_and_json() -> None:
 def test_targets_pass_and_miss() -> None:
     targets = {t["name"]: t for t in _result()["targets"]}
     ratio = targets["pipeline >= 50% of raw relay (stretch 70%)"]
-    assert (ratio["measured"], ratio["status"], ratio["stretch"]) == ("60.0%", "pass", "miss")
+    assert (ratio["status"], ratio["stretch"]) == ("pass", "miss")
+    # the bare Faust chain's share of the relay says how far any one-agent-per-stage design gets
+    assert ratio["measured"] == "60.0% (bare Faust chain: 80.0%)"
     assert targets["p99 < 100 ms at half max rate"]["status"] == "pass"
     rss = targets["RSS flat within 10% from 100k to 1M exceptions"]
     # flat, but over 10k -> 50k only: not the target's range
@@ -434,6 +437,17 @@ def test_targets_pass_and_miss() -> None:
     assert targets["ingest >= 5,000/s per API process (batch)"]["status"] == "pass"
     grown = {t["name"]: t for t in _result(rss_growth=0.25)["targets"]}
     assert grown["RSS flat within 10% from 100k to 1M exceptions"]["status"] == "miss"
+
+
+def test_throughput_target_without_the_faust_chain_is_the_ratio_alone() -> None:
+    phases = _phases()
+    del phases["chain"]
+    result = bench.build_result(
+        started_at=datetime(2026, 1, 1, tzinfo=UTC), command=[], host={}, config={}, phases=phases
+    )
+    assert result["chain"] is None
+    ratio = {t["name"]: t for t in result["targets"]}["pipeline >= 50% of raw relay (stretch 70%)"]
+    assert ratio["measured"] == "60.0%"
 
 
 def _memory_target(points: list[tuple[int, int]]) -> dict[str, Any]:
@@ -473,6 +487,8 @@ def test_summary_table_names_every_phase_and_target() -> None:
         "a raw relay",
         "b pipeline",
         "% of raw relay",
+        "a2 Faust chain",
+        "% of Faust chain",
         "c latency",
         "stage intake p50 ms",
         "profile latency",

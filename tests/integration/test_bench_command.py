@@ -1,0 +1,64 @@
+"""`sluice bench` (what `make bench` calls), run small against the session's broker: every phase
+moves every record it sends, and the JSON and the table report each one. Its figures are not
+checked against any speed: this machine is shared, and the figures are the bench's output, not a
+test's."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.support.procs import ROOT
+
+
+def test_bench_runs_every_phase_to_completion_and_reports_it(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    out_dir = tmp_path / "results"
+    args = [
+        "bench",
+        *("--events", "300", "--latency-events", "60", "--rate", "20", "--warmup", "20"),
+        *("--partitions", "2", "--no-profile", "--timeout", "240"),
+        *("--api-single", "100", "--api-batched", "1000", "--output-dir", str(out_dir)),
+    ]
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap}
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    (path,) = out_dir.glob("bench-*.json")
+    result = json.loads(path.read_text())
+    assert result["notes"] == [], result["notes"]
+
+    for phase in ("raw", "chain", "pipeline"):
+        figures = result[phase]
+        assert (figures["completed"], figures["timed_out"]) == (300, False), (phase, figures)
+        assert figures["seconds"] > 0, (phase, figures)
+    for phase in ("raw", "chain"):
+        assert result[phase]["cpu_us_per_record_hop"] > 0, result[phase]
+    assert result["chain"]["batch_max"] == 200
+
+    latency = result["latency"]
+    assert latency["latency"]["count"] == 60, latency
+    assert latency["target_rate"] == 20.0
+    assert result["api"]["single"]["accepted"] == 100, result["api"]["single"]
+    assert result["api"]["batch"]["accepted"] == 1000, result["api"]["batch"]
+
+    targets = {t["name"]: t for t in result["targets"]}
+    assert {t["status"] for t in targets.values()} <= {"pass", "miss", "not run"}
+    throughput = targets["pipeline >= 50% of raw relay (stretch 70%)"]
+    assert "bare Faust chain" in throughput["measured"], throughput
+    assert targets["RSS flat within 10% from 100k to 1M exceptions"]["status"] == "not run"
+
+    for row in ("a raw relay", "a2 Faust chain", "% of Faust chain", "c latency", "d api batch"):
+        assert row in done.stdout, (row, done.stdout)
+    assert f"results: {path}" in done.stdout
