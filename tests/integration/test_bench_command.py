@@ -46,6 +46,8 @@ def test_bench_runs_every_phase_to_completion_and_reports_it(
     for phase in ("raw", "chain"):
         assert result[phase]["cpu_us_per_record_hop"] > 0, result[phase]
     assert result["chain"]["batch_max"] == 200
+    # phase c starts only once every agent, the projection included, has caught up
+    assert result["pipeline"]["caught_up_after_s"] >= 0, result["pipeline"]
 
     latency = result["latency"]
     assert latency["latency"]["count"] == 60, latency

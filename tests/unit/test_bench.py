@@ -362,6 +362,7 @@ def _phases(rss_growth: float = 0.05) -> dict[str, Any]:
             "completed": 5000,
             "tools": "noop",
             "worker_cpu_pct": 99.0,
+            "caught_up_after_s": 2.5,
         },
         "latency": {
             "target_rate": 600.0,
@@ -489,6 +490,7 @@ def test_summary_table_names_every_phase_and_target() -> None:
         "% of raw relay",
         "a2 Faust chain",
         "% of Faust chain",
+        "every agent caught up at s",
         "c latency",
         "stage intake p50 ms",
         "profile latency",
