@@ -45,6 +45,11 @@ def test_bench_runs_every_phase_to_completion_and_reports_it(
         assert figures["seconds"] > 0, (phase, figures)
     for phase in ("raw", "chain"):
         assert result[phase]["cpu_us_per_record_hop"] > 0, result[phase]
+        # then the latency events again, at half the rate the phase reached
+        half = result[phase]["half_rate"]
+        assert (half["completed"], half["timed_out"]) == (60, False), (phase, half)
+        assert half["latency"]["count"] == 60, (phase, half)
+        assert half["target_rate"] == max(1.0, round(result[phase]["records_per_s"] / 2, 1))
     assert result["chain"]["batch_max"] == 200
     # phase c starts only once every agent, the projection included, has caught up
     assert result["pipeline"]["caught_up_after_s"] >= 0, result["pipeline"]
@@ -61,6 +66,7 @@ def test_bench_runs_every_phase_to_completion_and_reports_it(
     assert "bare Faust chain" in throughput["measured"], throughput
     assert targets["RSS flat within 10% from 100k to 1M exceptions"]["status"] == "not run"
 
-    for row in ("a raw relay", "a2 Faust chain", "% of Faust chain", "c latency", "d api batch"):
+    rows = ("a raw relay", "a2 Faust chain", "% of Faust chain", "at half rate", "c latency")
+    for row in (*rows, "d api batch"):
         assert row in done.stdout, (row, done.stdout)
     assert f"results: {path}" in done.stdout
