@@ -20,11 +20,11 @@ from app.settings import Settings
 T = TypeVar("T")
 
 
-def create_app(settings: Settings, app_id: str | None = None) -> faust.App:
-    """Sluice's Faust app, configured from ``settings`` (``app_id`` overrides its id)."""
+def create_app(settings: Settings) -> faust.App:
+    """Sluice's Faust app, configured from ``settings``."""
     settings.worker_dir.parent.mkdir(parents=True, exist_ok=True)
     return faust.App(
-        app_id or settings.app_id,
+        settings.app_id,
         # Faust's aiokafka transport, with a consumer that a rebalance cannot make skip a record
         broker=";".join(
             f"{TRANSPORT_SCHEME}://{server}"
