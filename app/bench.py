@@ -1192,38 +1192,41 @@ async def read_stamps(
     return out
 
 
-async def group_lag(bootstrap: str, group: str, partitions: int) -> int:
+async def group_lag(admin: Any, consumer: Any, group: str, partitions: int) -> int:
     """Records the consumer group ``group`` has not committed yet, over every partition of every
-    topic it has committed an offset in (a partition with none counts from its start)."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-    from aiokafka.admin import AIOKafkaAdminClient
+    topic it has committed an offset in (a partition with none counts from its start); read with
+    a started aiokafka admin client and consumer."""
+    from aiokafka import TopicPartition
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await admin.start()
-    await consumer.start()
-    try:
-        committed = await admin.list_consumer_group_offsets(group)
-        topics = {tp.topic for tp in committed}
-        tps = [TopicPartition(topic, p) for topic in topics for p in range(partitions)]
-        ends = await consumer.end_offsets(tps) if tps else {}
-        offsets = {tp: meta.offset for tp, meta in committed.items()}
-        return sum(max(0, end - max(0, offsets.get(tp, 0))) for tp, end in ends.items())
-    finally:
-        await consumer.stop()
-        await admin.close()
+    committed = await admin.list_consumer_group_offsets(group)
+    topics = {tp.topic for tp in committed}
+    tps = [TopicPartition(topic, p) for topic in topics for p in range(partitions)]
+    ends = await consumer.end_offsets(tps) if tps else {}
+    offsets = {tp: meta.offset for tp, meta in committed.items()}
+    return sum(max(0, end - max(0, offsets.get(tp, 0))) for tp, end in ends.items())
 
 
 async def wait_caught_up(ctx: BenchContext, within: float) -> float | None:
     """The ``perf_counter`` time at which the workers' group had committed every record of its
     input topics (the projection and every agent idle), or None if not within ``within`` s.
     Offsets are committed every few seconds, so it is late by up to that much."""
-    deadline = time.perf_counter() + within
-    while time.perf_counter() < deadline:
-        if await group_lag(ctx.bootstrap, ctx.app_id, ctx.partitions) == 0:
-            return time.perf_counter()
-        await asyncio.sleep(0.5)
-    return None
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=ctx.bootstrap)
+    consumer = AIOKafkaConsumer(bootstrap_servers=ctx.bootstrap, enable_auto_commit=False)
+    await admin.start()
+    await consumer.start()
+    try:
+        deadline = time.perf_counter() + within
+        while time.perf_counter() < deadline:
+            if await group_lag(admin, consumer, ctx.app_id, ctx.partitions) == 0:
+                return time.perf_counter()
+            await asyncio.sleep(0.5)
+        return None
+    finally:
+        await consumer.stop()
+        await admin.close()
 
 
 def new_producer(bootstrap: str, **kwargs: Any) -> Any:
@@ -1243,15 +1246,9 @@ async def produce(
     producer: Any,
     topic: str,
     records: Iterable[tuple[bytes, bytes]],
-    on_ack: Callable[[bytes], None] | None = None,
 ) -> int:
     """Send every record without waiting in between, then wait for every ack."""
-    futures = []
-    for key, value in records:
-        fut = await producer.send(topic, value, key=key)
-        if on_ack is not None:
-            fut.add_done_callback(lambda f, k=key: on_ack(k) if not f.exception() else None)
-        futures.append(fut)
+    futures = [await producer.send(topic, value, key=key) for key, value in records]
     await asyncio.gather(*futures)
     return len(futures)
 
@@ -1261,10 +1258,14 @@ async def send_paced(
     topic: str,
     records: Sequence[tuple[bytes, bytes]],
     per_s: float,
-    on_ack: Callable[[bytes], None],
-) -> float:
-    """Send ``records`` at ``per_s`` a second, then wait for every ack; the seconds the sending
-    took. ``on_ack(key)`` is called as each is acknowledged."""
+) -> tuple[float, dict[bytes, float]]:
+    """Send ``records`` at ``per_s`` a second, then wait for every ack. The seconds the sending
+    took, and the ``perf_counter`` time at which each key was acknowledged."""
+    acked: dict[bytes, float] = {}
+
+    def on_ack(key: bytes) -> None:
+        acked[key] = time.perf_counter()
+
     futures = []
     t0 = time.perf_counter()
     for i, (key, value) in enumerate(records):
@@ -1276,7 +1277,7 @@ async def send_paced(
         futures.append(fut)
     sent_s = time.perf_counter() - t0
     await asyncio.gather(*futures)
-    return sent_s
+    return sent_s, acked
 
 
 def seen_after_ack(watcher: Watcher, acked: dict[bytes, float]) -> list[float]:
@@ -1508,13 +1509,8 @@ async def _paced_through(
     payload = list(ctx.maker.batch(f"{name}lat", 0, count))
     phase = phase_of(payload[0][0])
     watcher.timed_phases.add(phase)
-    acked: dict[bytes, float] = {}
-
-    def on_ack(key: bytes) -> None:
-        acked[key] = time.perf_counter()
-
     meter = CpuMeter({f"relay{i}": p.pid for i, p in enumerate(relays)}).start()
-    sent_s = await send_paced(producer, topic, payload, target, on_ack)
+    sent_s, acked = await send_paced(producer, topic, payload, target)
     ok = await watcher.wait_for(phase, count, within, f"{name} at half rate", procs=relays)
     cpu = meter.stop()
     done = watcher.counts[phase]
@@ -2019,17 +2015,12 @@ async def run_latency(
     payload = list(ctx.maker.batch("lat", 0, count))
     phase = phase_of(payload[0][0])
     watcher.timed_phases.add(phase)
-    acked: dict[bytes, float] = {}
-
-    def on_ack(key: bytes) -> None:
-        acked[key] = time.perf_counter()
-
     profiler = None
     if opts.py_spy:
         out = opts.output_dir / f"profile-{opts.stamp}-latency.txt"
         profiler = ctx.profiler(opts.py_spy, out).start(count / target + 60)
     meter = ctx.worker_meter().start()
-    send_s = await send_paced(producer, topics.ingested, payload, target, on_ack)
+    send_s, acked = await send_paced(producer, topics.ingested, payload, target)
     ok = await watcher.wait_for(phase, count, opts.timeout, "latency", procs=ctx.workers)
     cpu = meter.stop()
     mem = workers_memory(ctx.workers)
