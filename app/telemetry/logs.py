@@ -171,11 +171,11 @@ def logging_config(level: str = "WARNING", json: bool = False) -> dict[str, Any]
     """The same configuration as :func:`setup_logging`, as a :func:`logging.config.dictConfig`
     dict: for a runner that configures logging itself, e.g. ``faust.Worker(app,
     logging_config=logging_config(...))`` (mode clears the root handlers and applies it)."""
-    formatter = "app.telemetry.JsonFormatter" if json else "app.telemetry.TextFormatter"
+    formatter = "app.telemetry.logs.JsonFormatter" if json else "app.telemetry.logs.TextFormatter"
     return {
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"sluice": {"()": formatter}},
-        "handlers": {"sluice": {"()": "app.telemetry.StderrHandler", "formatter": "sluice"}},
+        "handlers": {"sluice": {"()": "app.telemetry.logs.StderrHandler", "formatter": "sluice"}},
         "root": {"level": logging.getLevelName(_level(level)), "handlers": ["sluice"]},
     }
