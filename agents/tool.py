@@ -2,7 +2,7 @@
 
 :func:`execute` turns an ``ExceptionPlanned`` into an ``ExceptionCompleted``. It has no Faust import:
 the agent decodes the plan, builds the tools (:func:`agents.tools.build_tools`), hands in a
-:class:`~app.stores.Ledger` and a clock, and sends what comes back.
+:class:`Ledger` (``app.stores.MappingLedger`` in the worker) and a clock, and sends what comes back.
 
 Effectively-once side effects rest on two things. Each step's idempotency key is derived from the
 plan event and the step (:func:`idempotency_key`), so a redelivered plan produces the same keys and
@@ -19,10 +19,9 @@ import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from agents.tools import Tool, ToolError
-from app.stores import Ledger
 from schemas.events import (
     CompletedPayload,
     ExceptionCompleted,
@@ -33,6 +32,32 @@ from schemas.events import (
 )
 
 STAGE = "tool"
+
+
+class Ledger(Protocol):
+    """Tool steps by idempotency key: completed results, and calls begun but not yet answered."""
+
+    def get(self, key: str) -> StepResult | None: ...
+
+    def put(self, key: str, result: StepResult, at: datetime) -> None: ...
+
+    def begin(self, key: str, at: datetime) -> None:
+        """Record that a call is about to be made (an in-flight marker, replaced by put)."""
+        ...
+
+    def in_flight(self, key: str) -> datetime | None:
+        """When a call was begun that has no result recorded (its outcome is unknown); None when
+        there is no such call."""
+        ...
+
+    def abandon(self, key: str) -> None:
+        """Drop an in-flight marker: the call ended in a known failure, so a redrive may call again."""
+        ...
+
+    def expire(self, before: datetime) -> int:
+        """Forget results written before ``before``; return how many were forgotten."""
+        ...
+
 
 log = logging.getLogger("sluice.tool")
 
