@@ -25,8 +25,8 @@ from typing import Any
 
 import faust
 
-from app.faust_worker import create_app, run_worker, take_batches
 from app.settings import get_settings
+from app.worker.faust_app import create_app, run_worker, take_batches
 
 settings = get_settings()
 app = create_app(settings)

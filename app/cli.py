@@ -84,16 +84,19 @@ def worker(
     from faust import Worker
 
     from app.admin import ensure_changelogs, ensure_topics
-    from app.faust_worker import run_worker
-    from app.telemetry import instrument_httpx, metrics, setup_tracing
-    from app.topics import STAGES
+    from app.settings import get_settings
+    from app.telemetry import instrument_httpx, setup_tracing
+    from app.worker.faust_app import run_worker
+    from app.worker.wiring import build_worker
     from schemas.config import ConfigError
 
+    settings = get_settings()
     try:
-        from app.faust_app import app, settings
+        built = build_worker(settings)
     except ConfigError as exc:
         typer.echo(f"Cannot start the worker: {exc}", err=True)
         raise typer.Exit(2) from exc
+    app = built.app
 
     # Topics must exist before the consumer subscribes: a topic created later is only noticed at
     # the next metadata refresh (minutes). That holds for the tables' changelogs too: a missing
@@ -102,15 +105,12 @@ def worker(
     asyncio.run(ensure_changelogs(settings, app))
     setup_tracing("sluice-worker")
     instrument_httpx()  # tool and LLM calls become client spans inside the stage's process span
-    metrics.declare_stages(list(STAGES))
 
     class SluiceWorker(Worker):
-        """Drains the events in flight before Faust's own stop (see app.pipeline.drain)."""
+        """Drains the events in flight before Faust's own stop (app.worker.wiring.Drain)."""
 
         async def _stop_on_signal(self, signal: Any) -> None:
-            from app.pipeline import drain_in_flight
-
-            if not await drain_in_flight(settings.worker_drain_seconds):
+            if not await built.drain.in_flight_done(settings.worker_drain_seconds):
                 self.log.warning("events still in flight after the drain; they will be redone")
             await super()._stop_on_signal(signal)
 

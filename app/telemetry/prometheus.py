@@ -97,6 +97,18 @@ class Metrics:
             ["stage"],
             registry=registry,
         )
+        self.events_redriven = Counter(
+            "sluice_events_redriven",
+            "Operator redrive requests a stage carried out (its quarantine replayed).",
+            ["stage"],
+            registry=registry,
+        )
+        self.events_discarded = Counter(
+            "sluice_events_discarded",
+            "Operator discard requests a stage carried out (its quarantine dropped).",
+            ["stage"],
+            registry=registry,
+        )
         self.exceptions_expired = Counter(
             "sluice_exceptions_expired",
             "Closed exceptions deleted from the worker's tables after their retention.",
@@ -169,6 +181,8 @@ class Metrics:
             self.events_retried.labels(stage)
             self.events_duplicates.labels(stage)
             self.events_parked.labels(stage)
+            self.events_redriven.labels(stage)
+            self.events_discarded.labels(stage)
             self.stage_seconds.labels(stage)
 
     def processed(self, stage: str, seconds: float) -> None:
@@ -195,6 +209,14 @@ class Metrics:
     def parked(self, stage: str) -> None:
         """An event was parked behind its exception's dead-lettered event."""
         self.events_parked.labels(stage).inc()
+
+    def redriven(self, stage: str) -> None:
+        """An operator's redrive replayed the stage's quarantine of one exception."""
+        self.events_redriven.labels(stage).inc()
+
+    def discarded(self, stage: str) -> None:
+        """An operator's discard dropped the stage's quarantine of one exception."""
+        self.events_discarded.labels(stage).inc()
 
     def expired(self, count: int) -> None:
         """``count`` closed exceptions were deleted after their retention."""

@@ -1,8 +1,8 @@
 """The Faust application's configuration and the way a worker process runs it.
 
-Shared by Sluice's worker (:mod:`app.faust_app`, started by ``sluice worker``) and the bench's bare
-Faust chain (:mod:`app.bench_chain`), so that chain measures Faust with exactly the settings the
-pipeline runs with.
+Shared by Sluice's worker (:func:`app.worker.wiring.build_worker`, started by ``sluice worker``) and
+the bench's bare Faust chain, so that chain measures Faust with exactly the settings the pipeline runs
+with.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def create_app(settings: Settings) -> faust.App:
         web_enabled=True,
         # Faust's own wait for "all started events" hangs when an event read by two agents was
         # cleared from one agent's buffer (it stays unacked forever). Sluice drains instead: on a
-        # stop signal no agent starts a new event and the ones in flight finish (app.pipeline.drain);
+        # stop signal no agent starts a new event and the ones in flight finish (app.worker.wiring.Drain);
         # everything unacked is redelivered and absorbed by the idempotency tables.
         stream_wait_empty=False,
         broker_session_timeout=settings.worker_session_timeout_seconds,
