@@ -190,13 +190,11 @@ def run(
     SLUICE_TOOLS_URL set, tools call that URL instead of the demo tool server.
     """
     from app.admin import ensure_topics
-    from app.demo_tools import DemoToolServer
     from app.kafka_local import free_port
     from app.settings import Settings
 
     env = dict(os.environ)
     broker: LocalKafka | None = None
-    tools: DemoToolServer | None = None
     procs: list[subprocess.Popen[bytes]] = []
     try:
         if "KAFKA_BOOTSTRAP_SERVERS" not in env:
@@ -205,8 +203,13 @@ def run(
             broker.start()
             env["KAFKA_BOOTSTRAP_SERVERS"] = broker.bootstrap_servers
         if "SLUICE_TOOLS_URL" not in env:
-            tools = DemoToolServer(port=free_port()).start()
-            env["SLUICE_TOOLS_URL"] = tools.url
+            # A process of its own, started as a user would and stopped with the others: the
+            # demo server is a stand-in, not part of the runtime, which never imports it.
+            tools_port = str(free_port())
+            tools_cmd = [sys.executable, "-m", "app.demo_tools", "--port", tools_port]
+            procs.append(subprocess.Popen(tools_cmd, env=env))  # noqa: S603
+            env["SLUICE_TOOLS_URL"] = f"http://127.0.0.1:{tools_port}"
+            _wait_http(f"{env['SLUICE_TOOLS_URL']}/healthz", procs)
         env.setdefault("SLUICE_STATE_DIR", str(state_dir))
         env.setdefault("SLUICE_API_PORT", str(_port_or_free(8000)))
         env.setdefault("SLUICE_WORKER_WEB_PORT", str(_port_or_free(6066)))
@@ -236,8 +239,6 @@ def run(
         raise typer.Exit(1) from exc
     finally:
         _stop_all(procs)
-        if tools is not None:
-            tools.stop()
         if broker is not None:
             broker.stop()
         typer.echo("Sluice stopped.")
