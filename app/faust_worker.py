@@ -1,7 +1,7 @@
 """The Faust application's configuration and the way a worker process runs it.
 
 Shared by Sluice's worker (:mod:`app.faust_app`, started by ``sluice worker``) and the bench's bare
-Faust chain (:mod:`app.bench_chain`), so that chain measures Faust with exactly the settings the
+Faust chain (:mod:`bench.chain`), so that chain measures Faust with exactly the settings the
 pipeline runs with.
 """
 

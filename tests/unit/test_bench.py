@@ -11,7 +11,7 @@ from typing import Any, cast
 
 import pytest
 
-from app import bench
+from bench import cli as bench
 from schemas.codec import decode
 from schemas.events import ExceptionIngested
 

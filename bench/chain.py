@@ -9,7 +9,7 @@ and broker settings are the ones Sluice's worker runs with. What this chain move
 the most any design of one Faust agent per stage can move here; the pipeline's figure against it
 is what Sluice's own work costs.
 
-Started by the bench as ``python -m app.bench_chain`` with ``SLUICE_BENCH_HOPS`` (a JSON list of
+Started by the bench as ``python -m bench.chain`` with ``SLUICE_BENCH_HOPS`` (a JSON list of
 ``[source, destination]`` topic names, which must exist) and the usual ``SLUICE_*`` and
 ``KAFKA_BOOTSTRAP_SERVERS`` environment. It prints ``ready`` once it holds every source partition
 and runs until SIGTERM.

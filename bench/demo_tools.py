@@ -1,10 +1,11 @@
 """A stand-in for a team's ticketing, paging and webhook systems, for `sluice run` on a laptop.
 
 The example tenant configs point their tools at ``${SLUICE_TOOLS_URL}``; `sluice run` starts this
-server on loopback (``python -m app.demo_tools --port N``, as a process of its own) and sets that
+server on loopback (``python -m bench.demo_tools --port N``, as a process of its own) and sets that
 variable, so the sample exceptions exercise real HTTP tool calls. It accepts every POST, answers
 like the systems it stands in for (a ticket id for /tickets), keeps the last requests in memory
-(:attr:`DemoToolServer.calls`, for a caller that runs it in-process) and answers ``GET /healthz``
+(:attr:`DemoToolServer.calls`, for a caller that runs it in-process, as `sluice bench
+--tools http` does) and answers ``GET /healthz``
 so a starter can wait for it. Point SLUICE_TOOLS_URL at your real systems (or edit the tenant
 files) to use Sluice for real.
 """
@@ -85,7 +86,7 @@ class DemoToolServer:
 def main(argv: list[str] | None = None) -> None:
     """Serve until SIGTERM or SIGINT (Ctrl-C), then stop cleanly with status 0."""
     parser = argparse.ArgumentParser(
-        prog="python -m app.demo_tools", description=__doc__.split("\n\n")[0]
+        prog="python -m bench.demo_tools", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9000)

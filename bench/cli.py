@@ -8,7 +8,7 @@ a. **raw relay**: the same six hops as the pipeline (ingested -> fingerprinted -
    send the batch, await the acks, then commit: at-least-once), with the same partition count and
    the same encoded ``ExceptionIngested`` bytes. Records/s end to end is the ceiling.
 a2. **Faust chain** (``--skip-chain`` leaves it out): the same hops as a bare chain of Faust agents
-   (:mod:`app.bench_chain`), with the pipeline's app settings, batching and sends but no work per
+   (:mod:`bench.chain`), with the pipeline's app settings, batching and sends but no work per
    record. What it moves bounds what any design of one Faust agent per stage can move; the
    pipeline's share of it is what Sluice's own work costs. Both a and a2 report the CPU one record
    costs at one hop.
@@ -70,7 +70,11 @@ API_KEY = "bench-key"  # only ever valid for the throwaway config this run write
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 ROOT = Path(__file__).resolve().parent.parent
 
-bench_cli = typer.Typer(add_completion=False, help=__doc__.split("\n\n")[0])
+# The help `sluice --help` lists and `sluice bench --help` shows (the command is registered from
+# outside app/, through the "sluice.commands" entry point group: see pyproject.toml).
+bench_cli = typer.Typer(
+    add_completion=False, help="Throughput, latency and memory on a real broker."
+)
 
 
 # ==================================================================================== pure helpers
@@ -1299,7 +1303,7 @@ async def ensure(bootstrap: str, names: list[str], partitions: int) -> None:
 
 
 def relay_main() -> None:
-    """Entry of a relay subprocess: ``python -c 'from app.bench import relay_main; relay_main()'
+    """Entry of a relay subprocess: ``python -c 'from bench.cli import relay_main; relay_main()'
     '<json config>'``. Prints ``ready`` once every hop has its partitions; SIGTERM stops it."""
     config = json.loads(sys.argv[1])
     asyncio.run(_relay(config))
@@ -1381,7 +1385,7 @@ async def run_raw(
             "group": f"raw-{tag}",
             "commit_interval": 1,
         }
-        code = "from app.bench import relay_main; relay_main()"
+        code = "from bench.cli import relay_main; relay_main()"
         relays.append(
             ctx.procs.start(f"relay-{tag}-{i}", [sys.executable, "-c", code, json.dumps(cfg)])
         )
@@ -1398,7 +1402,7 @@ async def run_raw(
 async def run_chain(
     ctx: BenchContext, events: int, warmup: int, within: float, paced: int = 0
 ) -> dict[str, Any]:
-    """Phase a2: the same hops as a bare chain of Faust agents (app/bench_chain.py), batched and
+    """Phase a2: the same hops as a bare chain of Faust agents (bench/chain.py), batched and
     configured as the pipeline's stages are: Faust's own ceiling for one agent per stage."""
     from app.kafka_local import free_port
     from app.settings import Settings
@@ -1412,7 +1416,7 @@ async def run_chain(
         SLUICE_WORKER_DATA_DIR=str(ctx.root / "chain-data"),
         SLUICE_BENCH_HOPS=json.dumps(list(itertools.pairwise(topics))),
     )
-    chain = ctx.procs.start(f"chain-{tag}", [sys.executable, "-m", "app.bench_chain"], env)
+    chain = ctx.procs.start(f"chain-{tag}", [sys.executable, "-m", "bench.chain"], env)
     echo(f"Faust chain: {events:,} records over {HOPS} agents")
     figures = await relay_through(ctx, [chain], topics, "chain", events, warmup, within, paced)
     return {
@@ -2390,7 +2394,7 @@ def run_bench(opts: Options) -> dict[str, Any]:
                 f"local Apache Kafka {broker.version} (KRaft, 1 node, heap {broker.heap})"
             )
         if opts.tools == "http":
-            from app.demo_tools import DemoToolServer
+            from bench.demo_tools import DemoToolServer
 
             tools_server = DemoToolServer().start()
         write_config(root / "config", tools_server.url if tools_server else None)
