@@ -34,9 +34,10 @@ def _add_commands_from_entry_points() -> None:
     This is how ``sluice bench`` exists (pyproject.toml: ``bench = "bench.cli:bench_cli"``): the
     benchmark is a tool that uses the runtime, not a part of it, so app/ never imports it (a unit
     test checks), and users still type ``sluice bench`` with the same flags. A second console
-    script would change that command; an import here would make every worker load the load
-    generators. One that fails to load is named on stderr and left out: the runtime's own
-    commands must not depend on it.
+    script would change that command; an import here would tie the runtime to the bench again.
+    The entry points are loaded when the CLI is (as app.bench was imported before): cheap, as
+    bench/ imports its heavy dependencies inside the functions that use them. One that fails to
+    load is named on stderr and left out: the runtime's own commands must not depend on it.
     """
     from importlib.metadata import entry_points
 
