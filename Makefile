@@ -27,7 +27,7 @@ run: install kafka-jars
 test: install kafka-jars lint typecheck
 	$(UV) run --frozen pytest
 
-## Benchmark on a local real broker (see docs/performance.md); results go to results/ (git-ignored).
+## Benchmark on a local real broker (bench/, see docs/performance.md); results go to results/ (git-ignored).
 ## Options pass through: make bench BENCH_ARGS="--events 2000 --skip-api"
 bench: install kafka-jars
 	$(UV) run --frozen sluice bench $(BENCH_ARGS)

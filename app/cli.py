@@ -24,13 +24,36 @@ kafka_cli = typer.Typer(
 cli.add_typer(kafka_cli, name="kafka")
 
 
-def _add_bench() -> None:
-    from app.bench import bench_cli
-
-    cli.add_typer(bench_cli, name="bench", help="Throughput, latency and memory on a real broker.")
+COMMANDS_GROUP = "sluice.commands"
 
 
-_add_bench()
+def _add_commands_from_entry_points() -> None:
+    """Add the sub-commands other packages declare in the ``sluice.commands`` entry point group,
+    each a Typer app under its entry point's name.
+
+    This is how ``sluice bench`` exists (pyproject.toml: ``bench = "bench.cli:bench_cli"``): the
+    benchmark is a tool that uses the runtime, not a part of it, so app/ never imports it (a unit
+    test checks), and users still type ``sluice bench`` with the same flags. A second console
+    script would change that command; an import here would tie the runtime to the bench again.
+    The entry points are loaded when the CLI is (as app.bench was imported before): cheap, as
+    bench/ imports its heavy dependencies inside the functions that use them. One that fails to
+    load is named on stderr and left out: the runtime's own commands must not depend on it.
+    """
+    from importlib.metadata import entry_points
+
+    for entry in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        try:
+            sub = entry.load()
+        except Exception as exc:  # a broken optional command must not take `sluice worker` down
+            typer.echo(f"sluice: '{entry.name}' left out ({entry.value}: {exc!r})", err=True)
+            continue
+        if isinstance(sub, typer.Typer):
+            cli.add_typer(sub, name=entry.name)
+        else:
+            typer.echo(f"sluice: '{entry.name}' left out ({entry.value} is no Typer app)", err=True)
+
+
+_add_commands_from_entry_points()
 
 StateDir = Annotated[
     Path, typer.Option(envvar="SLUICE_STATE_DIR", help="Folder for broker data and logs.")
@@ -190,13 +213,11 @@ def run(
     SLUICE_TOOLS_URL set, tools call that URL instead of the demo tool server.
     """
     from app.admin import ensure_topics
-    from app.demo_tools import DemoToolServer
     from app.kafka_local import free_port
     from app.settings import Settings
 
     env = dict(os.environ)
     broker: LocalKafka | None = None
-    tools: DemoToolServer | None = None
     procs: list[subprocess.Popen[bytes]] = []
     try:
         if "KAFKA_BOOTSTRAP_SERVERS" not in env:
@@ -205,8 +226,13 @@ def run(
             broker.start()
             env["KAFKA_BOOTSTRAP_SERVERS"] = broker.bootstrap_servers
         if "SLUICE_TOOLS_URL" not in env:
-            tools = DemoToolServer(port=free_port()).start()
-            env["SLUICE_TOOLS_URL"] = tools.url
+            # A process of its own, started as a user would and stopped with the others: the
+            # demo server is a stand-in, not part of the runtime, which never imports it.
+            tools_port = str(free_port())
+            tools_cmd = [sys.executable, "-m", "bench.demo_tools", "--port", tools_port]
+            procs.append(subprocess.Popen(tools_cmd, env=env))  # noqa: S603
+            env["SLUICE_TOOLS_URL"] = f"http://127.0.0.1:{tools_port}"
+            _wait_http(f"{env['SLUICE_TOOLS_URL']}/healthz", procs)
         env.setdefault("SLUICE_STATE_DIR", str(state_dir))
         env.setdefault("SLUICE_API_PORT", str(_port_or_free(8000)))
         env.setdefault("SLUICE_WORKER_WEB_PORT", str(_port_or_free(6066)))
@@ -236,8 +262,6 @@ def run(
         raise typer.Exit(1) from exc
     finally:
         _stop_all(procs)
-        if tools is not None:
-            tools.stop()
         if broker is not None:
             broker.stop()
         typer.echo("Sluice stopped.")

@@ -1,8 +1,8 @@
 """The Faust application's configuration and the way a worker process runs it.
 
 Shared by Sluice's worker (:func:`app.worker.wiring.build_worker`, started by ``sluice worker``) and
-the bench's bare Faust chain, so that chain measures Faust with exactly the settings the pipeline runs
-with.
+the bench's bare Faust chain (:mod:`bench.chain`), so that chain measures Faust with exactly the
+settings the pipeline runs with.
 """
 
 from __future__ import annotations

@@ -11,7 +11,19 @@ from typing import Any, cast
 
 import pytest
 
-from app import bench
+from bench import (
+    cli,
+    context,
+    memory,
+    procs,
+    profile,
+    report,
+    results,
+    stats,
+    system,
+    workers,
+    workload,
+)
 from schemas.codec import decode
 from schemas.events import ExceptionIngested
 
@@ -20,24 +32,24 @@ from schemas.events import ExceptionIngested
 
 def test_percentile_is_nearest_rank() -> None:
     values = [float(v) for v in range(1, 101)]  # 1..100
-    assert bench.percentile(values, 50) == 50
-    assert bench.percentile(values, 95) == 95
-    assert bench.percentile(values, 99) == 99
-    assert bench.percentile(values, 100) == 100
-    assert bench.percentile(values, 0) == 1
-    assert bench.percentile([3.0, 1.0, 2.0], 50) == 2  # order of input does not matter
-    assert bench.percentile([7.0], 99) == 7
+    assert stats.percentile(values, 50) == 50
+    assert stats.percentile(values, 95) == 95
+    assert stats.percentile(values, 99) == 99
+    assert stats.percentile(values, 100) == 100
+    assert stats.percentile(values, 0) == 1
+    assert stats.percentile([3.0, 1.0, 2.0], 50) == 2  # order of input does not matter
+    assert stats.percentile([7.0], 99) == 7
 
 
 def test_percentile_rejects_nonsense() -> None:
     with pytest.raises(ValueError, match="no values"):
-        bench.percentile([], 50)
+        stats.percentile([], 50)
     with pytest.raises(ValueError, match=r"0\.\.100"):
-        bench.percentile([1.0], 101)
+        stats.percentile([1.0], 101)
 
 
 def test_latency_summary_in_milliseconds() -> None:
-    summary = bench.latency_summary([0.010] * 98 + [0.050, 0.200])
+    summary = stats.latency_summary([0.010] * 98 + [0.050, 0.200])
     assert summary == {
         "count": 100,
         "p50_ms": 10.0,
@@ -46,27 +58,27 @@ def test_latency_summary_in_milliseconds() -> None:
         "max_ms": 200.0,
         "mean_ms": 12.3,
     }
-    assert bench.latency_summary([]) == {"count": 0}
+    assert stats.latency_summary([]) == {"count": 0}
 
 
 def test_hop_breakdown_splits_time_per_stage() -> None:
     stages = ("a", "b")
     stamps = [{"x": 10.0, "y": 20.0}, {"x": 10.1, "y": 20.3}, {"x": 10.4, "y": 20.4}]
-    out = bench.hop_breakdown(stamps, {"x": 10.5, "y": 20.45}, stages=stages)
+    out = stats.hop_breakdown(stamps, {"x": 10.5, "y": 20.45}, stages=stages)
     assert out["a"]["count"] == 2
     assert out["a"]["max_ms"] == pytest.approx(300.0)
     assert out["b"]["max_ms"] == pytest.approx(300.0)
     assert out["completed -> consumer"]["max_ms"] == pytest.approx(100.0)
     # An exception missing from one topic is left out of every stage.
     stamps[1].pop("y")
-    assert bench.hop_breakdown(stamps, None, stages=stages)["a"]["count"] == 1
+    assert stats.hop_breakdown(stamps, None, stages=stages)["a"]["count"] == 1
     with pytest.raises(ValueError, match="topics"):
-        bench.hop_breakdown(stamps[:2], None, stages=stages)
+        stats.hop_breakdown(stamps[:2], None, stages=stages)
 
 
 def test_stage_finish_is_relative_to_the_first_produce() -> None:
     stamps = [{"x": 100.5}, {"x": 101.0, "y": 103.25}, {}]
-    assert bench.stage_finish(stamps, 100.0, stages=("a", "b")) == {
+    assert stats.stage_finish(stamps, 100.0, stages=("a", "b")) == {
         "input": 0.5,
         "a": 3.25,
         "b": None,
@@ -92,45 +104,45 @@ Threads:\t3
 
 
 def test_proc_stat_counts_fields_after_the_command_even_with_parentheses() -> None:
-    assert bench.parse_proc_stat(STAT, clk_tck=100) == (12.34, 5.67)
+    assert system.parse_proc_stat(STAT, clk_tck=100) == (12.34, 5.67)
 
 
 def test_machine_busy_time_leaves_idle_and_iowait_out() -> None:
     text = "cpu  100 20 30 5000 70 1 2 3 0 0\ncpu0 50 10 15 2500 35 0 1 1 0 0\n"
-    assert bench.parse_proc_stat_total(text, clk_tck=100) == pytest.approx(1.56)
+    assert system.parse_proc_stat_total(text, clk_tck=100) == pytest.approx(1.56)
     with pytest.raises(ValueError):
-        bench.parse_proc_stat_total("intr 1 2 3\n")
+        system.parse_proc_stat_total("intr 1 2 3\n")
 
 
 def test_cpu_meter_reports_others_on_a_shared_machine() -> None:
-    meter = bench.CpuMeter({"worker": 1})
+    meter = system.CpuMeter({"worker": 1})
     meter.wall = 2.0
     meter.before = {"worker": 10.0, "client": 1.0, "machine": 100.0}
     meter.after = {"worker": 11.5, "client": 1.5, "machine": 103.0}
-    report = meter.report()
-    assert report["worker_cpu_pct"] == 75.0
-    assert report["machine_cpu_pct"] == 150.0
-    assert report["others_cpu_s"] == 1.0
-    assert report["others_cpu_pct"] == 50.0
+    cpu = meter.report()
+    assert cpu["worker_cpu_pct"] == 75.0
+    assert cpu["machine_cpu_pct"] == 150.0
+    assert cpu["others_cpu_s"] == 1.0
+    assert cpu["others_cpu_pct"] == 50.0
 
 
 def test_cpu_meter_sums_the_workers_and_counts_them_once_in_others() -> None:
-    meter = bench.CpuMeter(
+    meter = system.CpuMeter(
         {"worker": 1, "worker-2": 2, "broker": 3}, sums={"workers": ("worker", "worker-2")}
     )
     meter.wall = 2.0
     meter.before = {"worker": 10.0, "worker-2": 20.0, "broker": 5.0, "client": 1.0, "machine": 100}
     meter.after = {"worker": 11.0, "worker-2": 20.5, "broker": 5.5, "client": 1.5, "machine": 104}
-    report = meter.report()
-    assert (report["worker_cpu_s"], report["worker-2_cpu_s"]) == (1.0, 0.5)
-    assert report["workers_cpu_s"] == 1.5
-    assert report["workers_cpu_pct"] == 75.0
+    cpu = meter.report()
+    assert (cpu["worker_cpu_s"], cpu["worker-2_cpu_s"]) == (1.0, 0.5)
+    assert cpu["workers_cpu_s"] == 1.5
+    assert cpu["workers_cpu_pct"] == 75.0
     # machine 4.0 s - workers 1.5 - broker 0.5 - client 0.5: the group's sum is not taken off again
-    assert report["others_cpu_s"] == 1.5
+    assert cpu["others_cpu_s"] == 1.5
 
 
 def test_cpu_meter_sums_the_workers_still_running() -> None:
-    meter = bench.CpuMeter({"worker": 1, "worker-2": 2}, sums={"workers": ("worker", "worker-2")})
+    meter = system.CpuMeter({"worker": 1, "worker-2": 2}, sums={"workers": ("worker", "worker-2")})
     meter.wall = 1.0
     meter.before = {"worker": 1.0, "worker-2": 1.0}
     meter.after = {"worker": 1.25}  # worker-2 exited: its /proc entry is gone
@@ -140,7 +152,7 @@ def test_cpu_meter_sums_the_workers_still_running() -> None:
 
 
 def test_worker_figures_are_the_sums_over_the_workers() -> None:
-    meter = bench.CpuMeter({"worker": 1, "worker-2": 2}, sums={"workers": ("worker", "worker-2")})
+    meter = system.CpuMeter({"worker": 1, "worker-2": 2}, sums={"workers": ("worker", "worker-2")})
     meter.wall = 4.0
     meter.before = {"worker": 0.0, "worker-2": 0.0}
     meter.after = {"worker": 2.0, "worker-2": 1.0}
@@ -148,8 +160,8 @@ def test_worker_figures_are_the_sums_over_the_workers() -> None:
         {"worker": "worker", "pid": 1, "rss_bytes": 300, "hwm_bytes": 400},
         {"worker": "worker-2", "pid": 2, "rss_bytes": 200, "hwm_bytes": 250},
     ]
-    memory = {**bench.sum_memory(per_worker), "per_worker": per_worker}
-    figures = bench.worker_figures(meter.report(), 1000, memory)
+    summed = {**system.sum_memory(per_worker), "per_worker": per_worker}
+    figures = workers.worker_figures(meter.report(), 1000, summed)
     assert figures["worker_cpu_s"] == 3.0
     assert figures["worker_cpu_pct"] == 75.0
     assert figures["worker_cpu_ms_per_exception"] == 3.0
@@ -158,30 +170,30 @@ def test_worker_figures_are_the_sums_over_the_workers() -> None:
 
 
 def test_summed_memory_is_unknown_when_a_worker_is_gone() -> None:
-    gone = bench.sum_memory(
+    gone = system.sum_memory(
         [{"rss_bytes": 300, "hwm_bytes": 400}, {"rss_bytes": None, "hwm_bytes": None}]
     )
     assert gone == {"rss_bytes": None, "hwm_bytes": None}
-    assert bench.sum_memory([]) == {"rss_bytes": None, "hwm_bytes": None}
+    assert system.sum_memory([]) == {"rss_bytes": None, "hwm_bytes": None}
 
 
 def test_proc_status_fields_in_bytes() -> None:
-    assert bench.parse_proc_status(STATUS) == 183456 * 1024
-    assert bench.parse_proc_status(STATUS, "VmHWM") == 210000 * 1024
-    assert bench.parse_proc_status(STATUS, "VmSwap") is None
+    assert system.parse_proc_status(STATUS) == 183456 * 1024
+    assert system.parse_proc_status(STATUS, "VmHWM") == 210000 * 1024
+    assert system.parse_proc_status(STATUS, "VmSwap") is None
 
 
 def test_own_process_is_readable() -> None:
     import os
 
-    cpu = bench.cpu_seconds(os.getpid())
+    cpu = system.cpu_seconds(os.getpid())
     assert cpu is not None and cpu > 0
-    assert (bench.memory_of(os.getpid())["rss_bytes"] or 0) > 1_000_000
-    assert bench.cpu_seconds(2**22 + 12345) is None  # no such pid
+    assert (system.memory_of(os.getpid())["rss_bytes"] or 0) > 1_000_000
+    assert system.cpu_seconds(2**22 + 12345) is None  # no such pid
 
 
 def test_host_info_from_proc_texts() -> None:
-    info = bench.host_info(
+    info = system.host_info(
         cpuinfo="processor\t: 0\nmodel name\t: AMD EPYC 7B13\n",
         meminfo="MemTotal:       24684000 kB\nMemFree: 1 kB\n",
         nproc=2,
@@ -194,8 +206,8 @@ def test_host_info_from_proc_texts() -> None:
 def test_disk_usage_counts_allocated_blocks(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "f").write_bytes(b"x" * 10_000)
-    assert bench.disk_usage(tmp_path) >= 10_000
-    assert bench.disk_usage(tmp_path / "missing") == 0
+    assert memory.disk_usage(tmp_path) >= 10_000
+    assert memory.disk_usage(tmp_path / "missing") == 0
 
 
 # ----------------------------------------------------------------------------------------- options
@@ -210,15 +222,15 @@ def test_table_sizes_sum_the_partitions_of_each_table(tmp_path: Path) -> None:
     ):
         (tables / f"{name}.db").mkdir(parents=True)
         (tables / f"{name}.db" / "000001.sst").write_bytes(b"x" * size)
-    sizes = bench.table_sizes(tmp_path)
+    sizes = memory.table_sizes(tmp_path)
     assert sizes == {"processed-intake": 12288, "exceptions": 4096}
 
 
 def test_table_sizes_of_several_workers_add_up_per_table() -> None:
-    assert bench.sum_counts(
+    assert memory.sum_counts(
         [{"exceptions": 4096, "processed-intake": 8192}, {"exceptions": 1024, "quarantine": 512}]
     ) == {"exceptions": 5120, "processed-intake": 8192, "quarantine": 512}
-    assert bench.sum_counts([]) == {}
+    assert memory.sum_counts([]) == {}
 
 
 def test_table_metrics_of_several_workers_add_up_per_table_and_kind() -> None:
@@ -230,20 +242,20 @@ def test_table_metrics_of_several_workers_add_up_per_table_and_kind() -> None:
         "tables": {"exceptions": {"memtables": 50, "keys_estimate": 3}, "groups": {"sst_files": 9}},
         "shared": {"capacity": 64, "usage": 10},
     }
-    assert bench.sum_table_metrics([one, two]) == {
+    assert memory.sum_table_metrics([one, two]) == {
         "tables": {
             "exceptions": {"memtables": 150, "keys_estimate": 10},
             "groups": {"sst_files": 9},
         },
         "shared": {"capacity": 128, "usage": 70},
     }
-    assert bench.sum_table_metrics([one]) == one
-    assert bench.sum_table_metrics([one, None]) is None  # a worker that did not answer
-    assert bench.sum_table_metrics([]) is None
+    assert memory.sum_table_metrics([one]) == one
+    assert memory.sum_table_metrics([one, None]) is None  # a worker that did not answer
+    assert memory.sum_table_metrics([]) is None
 
 
 def test_code_version_names_the_commit_and_uncommitted_changes(tmp_path: Path) -> None:
-    assert bench.code_version(tmp_path) == {"commit": None, "dirty": None}
+    assert system.code_version(tmp_path) == {"commit": None, "dirty": None}
     env = ["-c", "user.name=t", "-c", "user.email=t@example.com"]
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     (tmp_path / "f.txt").write_text("one\n")
@@ -258,35 +270,35 @@ def test_code_version_names_the_commit_and_uncommitted_changes(tmp_path: Path) -
         capture_output=True,
         text=True,
     ).stdout.strip()
-    assert bench.code_version(tmp_path) == {"commit": head, "dirty": False}
+    assert system.code_version(tmp_path) == {"commit": head, "dirty": False}
     (tmp_path / "f.txt").write_text("two\n")
-    assert bench.code_version(tmp_path) == {"commit": head, "dirty": True}
+    assert system.code_version(tmp_path) == {"commit": head, "dirty": True}
 
 
 def test_checkpoints_accept_suffixes() -> None:
-    assert bench.parse_checkpoints("1M,100k, 250k,500k") == [100_000, 250_000, 500_000, 1_000_000]
-    assert bench.parse_checkpoints("10000,50_000,10000") == [10_000, 50_000]
+    assert memory.parse_checkpoints("1M,100k, 250k,500k") == [100_000, 250_000, 500_000, 1_000_000]
+    assert memory.parse_checkpoints("10000,50_000,10000") == [10_000, 50_000]
     with pytest.raises(ValueError):
-        bench.parse_checkpoints("")
+        memory.parse_checkpoints("")
     with pytest.raises(ValueError):
-        bench.parse_checkpoints("0")
+        memory.parse_checkpoints("0")
 
 
 # ---------------------------------------------------------------------------------------- events
 
 
 def test_generated_events_are_valid_ingested_events() -> None:
-    maker = bench.EventMaker("run1", fingerprints=4)
+    maker = workload.EventMaker("run1", fingerprints=4)
     key, value = maker.make("thr", 7)
     assert key == b"run1-thr-000000007"
     event = decode(value)
     assert isinstance(event, ExceptionIngested)
     assert event.exception_id == key.decode()
-    assert event.tenant_id == bench.TENANT
+    assert event.tenant_id == workload.TENANT
     assert event.payload.report.error_type == "BenchError003"
     other = decode(maker.make("thr", 8)[1])
     assert other.event_id != event.event_id
-    assert bench.phase_of(key) == b"run1-thr"
+    assert workload.phase_of(key) == b"run1-thr"
 
 
 # --------------------------------------------------------------------------------------- profile
@@ -294,11 +306,11 @@ def test_generated_events_are_valid_ingested_events() -> None:
 PROFILE = "\n".join(
     [
         "_run_module_as_main (<frozen runpy>:198);Handle._run (asyncio/events.py:80);"
-        "Agent._execute_actor (faust/agents/agent.py:698);take_in_exceptions (app/pipeline.py:713);"
-        "StageRunner.run (app/pipeline.py:288);decode (schemas/codec.py:40) 30",
+        "Agent._execute_actor (faust/agents/agent.py:698);take_in_exceptions (app/worker/wiring.py:413);"
+        "StageRunner.process (app/worker/runner.py:288);decode (schemas/codec.py:40) 30",
         "_run_module_as_main (<frozen runpy>:198);Handle._run (asyncio/events.py:80);"
-        "Agent._execute_actor (faust/agents/agent.py:698);execute_tools (app/pipeline.py:738);"
-        "StageRunner.handle (app/pipeline.py:320);encode (schemas/codec.py:36) 20",
+        "Agent._execute_actor (faust/agents/agent.py:698);execute_tools (app/worker/wiring.py:428);"
+        "StageRunner.handle (app/worker/runner.py:320);encode (schemas/codec.py:36) 20",
         "Thread._bootstrap (threading.py:1002);WorkerThread.run (mode/threads.py:62);"
         "Handle._run (asyncio/events.py:80);"
         "Fetcher._fetch_requests_routine (aiokafka/consumer/fetcher.py:541);"
@@ -314,7 +326,7 @@ PROFILE = "\n".join(
 
 
 def test_profile_attribution_by_stage_thread_and_activity() -> None:
-    out = bench.attribute_profile(PROFILE)
+    out = profile.attribute_profile(PROFILE)
     assert out["samples"] == 100
     assert out["idle_samples"] == 400
     stages = {i["name"]: i["pct"] for i in out["by_stage"]}
@@ -337,16 +349,16 @@ def test_time_inside_uvloop_counts_as_the_event_loop() -> None:
         "<module> (app/cli.py:520)",
         "Worker.execute_from_commandline (mode/worker.py:264)",
     ]
-    assert bench.activity_of(loop_entry) == "event loop"
+    assert profile.activity_of(loop_entry) == "event loop"
     # ... but a deeper sample of the same thread is judged by what it was doing.
-    deeper = [*loop_entry, "StageRunner.run (app/pipeline.py:389)", "decode (schemas/codec.py:40)"]
-    assert bench.activity_of(deeper) == "decode (orjson+pydantic)"
+    deeper = [*loop_entry, "StageRunner.process (app/worker/runner.py:389)", "decode (schemas/codec.py:40)"]
+    assert profile.activity_of(deeper) == "decode (orjson+pydantic)"
 
 
 def test_frame_parts() -> None:
-    frame = "StageRunner.run (app/pipeline.py:288)"
-    assert bench.frame_function(frame) == "StageRunner.run"
-    assert bench.frame_file(frame) == "app/pipeline.py"
+    frame = "StageRunner.process (app/worker/runner.py:288)"
+    assert profile.frame_function(frame) == "StageRunner.run"
+    assert profile.frame_file(frame) == "app/worker/runner.py"
 
 
 # ------------------------------------------------------------------------------- result and table
@@ -361,7 +373,7 @@ def _phases(rss_growth: float = 0.05) -> dict[str, Any]:
             "relay_cpu_pct": 90.0,
             "half_rate": {
                 "achieved_rate": 800.0,
-                "latency": bench.latency_summary([0.01, 0.02, 0.04]),
+                "latency": stats.latency_summary([0.01, 0.02, 0.04]),
                 "relay_cpu_pct": 45.0,
             },
         },
@@ -376,8 +388,8 @@ def _phases(rss_growth: float = 0.05) -> dict[str, Any]:
         "latency": {
             "target_rate": 600.0,
             "achieved_rate": 599.8,
-            "latency": bench.latency_summary([0.02, 0.03, 0.09]),
-            "per_stage": {"intake": bench.latency_summary([0.002])},
+            "latency": stats.latency_summary([0.02, 0.03, 0.09]),
+            "per_stage": {"intake": stats.latency_summary([0.002])},
             "worker_rss_bytes": 200 * 1024 * 1024,
         },
         "profile": {
@@ -404,7 +416,7 @@ def _phases(rss_growth: float = 0.05) -> dict[str, Any]:
 
 
 def _result(rss_growth: float = 0.05) -> dict[str, Any]:
-    return bench.build_result(
+    return results.build_result(
         started_at=datetime(2026, 1, 1, tzinfo=UTC),
         finished_at=datetime(2026, 1, 1, 0, 5, tzinfo=UTC),
         command=["sluice", "bench", "--events", "10"],
@@ -417,12 +429,12 @@ def _result(rss_growth: float = 0.05) -> dict[str, Any]:
 
 def test_result_document_shape_is_stable_and_json() -> None:
     result = _result()
-    assert list(result) == list(bench.RESULT_KEYS)
-    assert result["schema"] == bench.SCHEMA
+    assert list(result) == list(results.RESULT_KEYS)
+    assert result["schema"] == results.SCHEMA
     assert result["started_at"] == "2026-01-01T00:00:00+00:00"
     assert result["notes"] == ["a note"]
     assert json.loads(json.dumps(result)) == result
-    empty = bench.build_result(
+    empty = results.build_result(
         started_at=datetime(2026, 1, 1, tzinfo=UTC),
         command=[],
         host={},
@@ -454,14 +466,14 @@ def test_targets_pass_and_miss() -> None:
 def test_targets_without_the_faust_chain_are_the_pipeline_figures_alone() -> None:
     phases = _phases()
     del phases["chain"]
-    result = bench.build_result(
+    result = results.build_result(
         started_at=datetime(2026, 1, 1, tzinfo=UTC), command=[], host={}, config={}, phases=phases
     )
     assert result["chain"] is None
     targets = {t["name"]: t for t in result["targets"]}
     assert targets["pipeline >= 50% of raw relay (stretch 70%)"]["measured"] == "60.0%"
     assert targets["p99 < 100 ms at half max rate"]["measured"] == "90.0 ms at 600.0/s"
-    assert "at half rate" not in bench.summary_table(result)
+    assert "at half rate" not in report.summary_table(result)
 
 
 def _memory_target(points: list[tuple[int, int]]) -> dict[str, Any]:
@@ -469,7 +481,7 @@ def _memory_target(points: list[tuple[int, int]]) -> dict[str, Any]:
     result["memory"] = {
         "checkpoints": [{"exceptions": n, "rss_bytes": rss} for n, rss in points],
     }
-    targets = {t["name"]: t for t in bench.evaluate_targets(result)}
+    targets = {t["name"]: t for t in results.evaluate_targets(result)}
     return targets["RSS flat within 10% from 100k to 1M exceptions"]
 
 
@@ -484,7 +496,7 @@ def test_rss_target_passes_only_over_100k_to_1m() -> None:
 
 
 def test_table_is_aligned() -> None:
-    text = bench.format_table(
+    text = report.format_table(
         ["name", "value"], [("a", 1.5), ("longer name", 12345.0), ("c", None)]
     )
     lines = text.splitlines()
@@ -496,7 +508,7 @@ def test_table_is_aligned() -> None:
 
 
 def test_summary_table_names_every_phase_and_target() -> None:
-    text = bench.summary_table(_result())
+    text = report.summary_table(_result())
     for needle in (
         "a raw relay",
         "b pipeline",
@@ -516,14 +528,14 @@ def test_summary_table_names_every_phase_and_target() -> None:
 
 
 def test_summary_table_says_how_many_workers_and_that_their_figures_are_summed() -> None:
-    one = bench.summary_table(_result())
+    one = report.summary_table(_result())
     assert "workers=1" in one
     assert "sum of" not in one
     phases = _phases()
     phases["pipeline"]["workers"] = 2
     phases["latency"]["workers"] = 2
-    two = bench.summary_table(
-        bench.build_result(
+    two = report.summary_table(
+        results.build_result(
             started_at=datetime(2026, 1, 1, tzinfo=UTC),
             command=[],
             host={},
@@ -538,7 +550,7 @@ def test_summary_table_says_how_many_workers_and_that_their_figures_are_summed()
 def test_workers_option_must_be_at_least_one() -> None:
     from typer.testing import CliRunner
 
-    result = CliRunner().invoke(bench.bench_cli, ["--workers", "0"])
+    result = CliRunner().invoke(cli.bench_cli, ["--workers", "0"])
     assert result.exit_code == 2
     assert "--workers" in result.output
 
@@ -547,7 +559,7 @@ def test_workers_option_must_be_at_least_one() -> None:
 
 
 class _FakePopen:
-    """What :class:`bench.Proc` reads of a child, for a child that is never started."""
+    """What :class:`procs.Proc` reads of a child, for a child that is never started."""
 
     pids = iter(range(40_001, 50_000))
 
@@ -559,11 +571,11 @@ class _FakePopen:
         return None
 
 
-def _proc(name: str, root: Path | None = None) -> bench.Proc:
-    return bench.Proc(name, cast(Any, _FakePopen()), root / f"{name}.log" if root else None)
+def _proc(name: str, root: Path | None = None) -> procs.Proc:
+    return procs.Proc(name, cast(Any, _FakePopen()), root / f"{name}.log" if root else None)
 
 
-class _RecordingProcesses(bench.Processes):
+class _RecordingProcesses(procs.Processes):
     """Records what would be started instead of starting it."""
 
     def __init__(self, root: Path) -> None:
@@ -572,28 +584,28 @@ class _RecordingProcesses(bench.Processes):
 
     def start(
         self, name: str, args: list[str], env: dict[str, str] | None = None, log: bool = True
-    ) -> bench.Proc:
+    ) -> procs.Proc:
         self.started.append((name, args, env or {}))
         return _proc(name, self.root)
 
 
-def _context(tmp_path: Path, workers: int, command: list[str] | None = None) -> bench.BenchContext:
-    return bench.BenchContext(
+def _context(tmp_path: Path, count: int, command: list[str] | None = None) -> context.BenchContext:
+    return context.BenchContext(
         bootstrap="127.0.0.1:9092",
         partitions=8,
         root=tmp_path,
         procs=_RecordingProcesses(tmp_path),
-        maker=bench.EventMaker("t"),
+        maker=workload.EventMaker("t"),
         app_id="sluice-bench-t",
         prefix="bencht",
-        worker_count=workers,
+        worker_count=count,
         worker_command=command,
     )
 
 
 def test_worker_names_and_folders_keep_the_single_worker_layout(tmp_path: Path) -> None:
     ctx = _context(tmp_path, 3)
-    assert [bench.worker_name(i) for i in (1, 2, 3)] == ["worker", "worker-2", "worker-3"]
+    assert [workers.worker_name(i) for i in (1, 2, 3)] == ["worker", "worker-2", "worker-3"]
     assert ctx.worker_dirs == [
         tmp_path / "worker-data",
         tmp_path / "worker-data-2",
@@ -607,8 +619,8 @@ def test_worker_names_and_folders_keep_the_single_worker_layout(tmp_path: Path) 
 
 def test_distinct_ports_skips_a_port_handed_out_twice() -> None:
     picks = iter([7001, 7001, 7002, 7001, 7003])
-    assert bench.distinct_ports(3, lambda: next(picks)) == [7001, 7002, 7003]
-    assert bench.distinct_ports(0, lambda: next(picks)) == []
+    assert workers.distinct_ports(3, lambda: next(picks)) == [7001, 7002, 7003]
+    assert workers.distinct_ports(0, lambda: next(picks)) == []
 
 
 def test_each_worker_starts_with_its_own_port_folder_and_log(
@@ -620,9 +632,9 @@ def test_each_worker_starts_with_its_own_port_folder_and_log(
     monkeypatch.setattr(app.kafka_local, "free_port", lambda: next(picks))
     ctx = _context(tmp_path, 2, command=["my-worker", "--fast"])
 
-    workers = bench.start_workers(ctx)
+    started_workers = workers.start_workers(ctx)
 
-    assert [w.name for w in workers] == ["worker", "worker-2"]
+    assert [w.name for w in started_workers] == ["worker", "worker-2"]
     assert ctx.worker_ports == [7001, 7002]
     started = cast(_RecordingProcesses, ctx.procs).started
     assert [args for _, args, _ in started] == [["my-worker", "--fast"]] * 2
@@ -633,9 +645,9 @@ def test_each_worker_starts_with_its_own_port_folder_and_log(
         ("7002", str(tmp_path / "worker-data-2")),
     ]
     meter = ctx.worker_meter(broker=False)
-    assert meter.pids == {"worker": workers[0].pid, "worker-2": workers[1].pid}
+    assert meter.pids == {"worker": started_workers[0].pid, "worker-2": started_workers[1].pid}
     assert meter.sums == {"workers": ("worker", "worker-2")}
-    assert ctx.profiler("py-spy", tmp_path / "p.txt").pid == workers[0].pid
+    assert ctx.profiler("py-spy", tmp_path / "p.txt").pid == started_workers[0].pid
 
 
 def test_workers_are_ready_only_when_all_answer_in_one_pass(
@@ -643,7 +655,7 @@ def test_workers_are_ready_only_when_all_answer_in_one_pass(
 ) -> None:
     ctx = _context(tmp_path, 2)
     ctx.worker_ports = [7001, 7002]
-    ctx.workers = [_proc(bench.worker_name(i)) for i in (1, 2)]
+    ctx.workers = [_proc(workers.worker_name(i)) for i in (1, 2)]
 
     class Answer:
         def __init__(self, ok: bool) -> None:
@@ -660,10 +672,10 @@ def test_workers_are_ready_only_when_all_answer_in_one_pass(
         asked.append(port)
         return Answer(next(answers))
 
-    monkeypatch.setattr(bench, "_worker_get", get)
-    monkeypatch.setattr(bench, "wait_http", lambda url, proc, timeout: waited.append(proc.name))
+    monkeypatch.setattr(workers, "worker_get", get)
+    monkeypatch.setattr(workers, "wait_http", lambda url, proc, timeout: waited.append(proc.name))
 
-    bench.wait_workers_ready(ctx, 60)
+    workers.wait_workers_ready(ctx, 60)
 
     assert asked == [7001, 7002, 7001, 7002, 7001, 7002]
     assert waited == ["worker-2", "worker"]
@@ -672,13 +684,13 @@ def test_workers_are_ready_only_when_all_answer_in_one_pass(
 def test_bench_config_has_one_tenant_and_key(tmp_path: Path) -> None:
     from schemas.config import load_api_keys, load_tenants
 
-    bench.write_config(tmp_path, None)
+    workload.write_config(tmp_path, None)
     tenants = load_tenants(tmp_path)
-    assert list(tenants) == [bench.TENANT]
-    assert tenants[bench.TENANT].tools["sink"].kind == "noop"
-    assert load_api_keys(tmp_path).tenant_for(bench.API_KEY) == bench.TENANT
-    bench.write_config(tmp_path, "http://127.0.0.1:9")
-    assert load_tenants(tmp_path)[bench.TENANT].tools["sink"].url == "http://127.0.0.1:9/hook"
+    assert list(tenants) == [workload.TENANT]
+    assert tenants[workload.TENANT].tools["sink"].kind == "noop"
+    assert load_api_keys(tmp_path).tenant_for(workload.API_KEY) == workload.TENANT
+    workload.write_config(tmp_path, "http://127.0.0.1:9")
+    assert load_tenants(tmp_path)[workload.TENANT].tools["sink"].url == "http://127.0.0.1:9/hook"
 
 
 def test_table_metrics_are_read_back_from_the_workers_metrics_page() -> None:
@@ -697,7 +709,7 @@ def test_table_metrics_are_read_back_from_the_workers_metrics_page() -> None:
     }
     Metrics(registry).set_table_memory({"exceptions": figures}, shared)
 
-    parsed = bench.parse_table_metrics(generate_latest(registry).decode())
+    parsed = memory.parse_table_metrics(generate_latest(registry).decode())
 
     assert parsed["tables"] == {"exceptions": figures}
     assert parsed["shared"] == {

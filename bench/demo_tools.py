@@ -1,16 +1,21 @@
 """A stand-in for a team's ticketing, paging and webhook systems, for `sluice run` on a laptop.
 
 The example tenant configs point their tools at ``${SLUICE_TOOLS_URL}``; `sluice run` starts this
-server on loopback and sets that variable, so the sample exceptions exercise real HTTP tool calls.
-It accepts every POST, answers like the systems it stands in for (a ticket id for /tickets), and
-keeps the last requests in memory for `sluice run` to summarise. Point SLUICE_TOOLS_URL at your real
-systems (or edit the tenant files) to use Sluice for real.
+server on loopback (``python -m bench.demo_tools --port N``, as a process of its own) and sets that
+variable, so the sample exceptions exercise real HTTP tool calls. It accepts every POST, answers
+like the systems it stands in for (a ticket id for /tickets), keeps the last requests in memory
+(:attr:`DemoToolServer.calls`, for a caller that runs it in-process, as `sluice bench
+--tools http` does) and answers ``GET /healthz``
+so a starter can wait for it. Point SLUICE_TOOLS_URL at your real systems (or edit the tenant
+files) to use Sluice for real.
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
+import signal
 import threading
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -49,6 +54,15 @@ class DemoToolServer:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def do_GET(self) -> None:
+                status = 200 if self.path.rstrip("/") == "/healthz" else 404
+                data = json.dumps({"ok": status == 200}).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
             def log_message(self, format: str, *args: Any) -> None:
                 return  # quiet: `sluice run` prints its own summary
 
@@ -67,3 +81,25 @@ class DemoToolServer:
     def stop(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve until SIGTERM or SIGINT (Ctrl-C), then stop cleanly with status 0."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.demo_tools", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9000)
+    args = parser.parse_args(argv)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    server = DemoToolServer(args.host, args.port).start()
+    try:
+        stop.wait()
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

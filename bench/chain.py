@@ -1,15 +1,15 @@
 """Phase a2 of ``sluice bench``: Faust's own ceiling, the relay's hops as a bare chain of agents.
 
 Each hop is a Faust agent that takes its records the way Sluice's stages do
-(:func:`app.faust_worker.take_batches`, up to ``SLUICE_WORKER_BATCH_MAX``), sends them unchanged to
+(:func:`app.worker.faust_app.take_batches`, up to ``SLUICE_WORKER_BATCH_MAX``), sends them unchanged to
 the next topic the way the pipeline sends (``force=True``, acks from every replica, every ack
 awaited) and then acks them. Nothing else: no decoding, no idempotency tables, no ledger, no
-projection, no spans. The app is :func:`app.faust_worker.create_app`, so its consumer, producer
+projection, no spans. The app is :func:`app.worker.faust_app.create_app`, so its consumer, producer
 and broker settings are the ones Sluice's worker runs with. What this chain moves is therefore
 the most any design of one Faust agent per stage can move here; the pipeline's figure against it
 is what Sluice's own work costs.
 
-Started by the bench as ``python -m app.bench_chain`` with ``SLUICE_BENCH_HOPS`` (a JSON list of
+Started by the bench as ``python -m bench.chain`` with ``SLUICE_BENCH_HOPS`` (a JSON list of
 ``[source, destination]`` topic names, which must exist) and the usual ``SLUICE_*`` and
 ``KAFKA_BOOTSTRAP_SERVERS`` environment. It prints ``ready`` once it holds every source partition
 and runs until SIGTERM.
