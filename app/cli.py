@@ -24,36 +24,23 @@ kafka_cli = typer.Typer(
 cli.add_typer(kafka_cli, name="kafka")
 
 
-COMMANDS_GROUP = "sluice.commands"
+BENCH_PROG = "sluice bench"
 
 
-def _add_commands_from_entry_points() -> None:
-    """Add the sub-commands other packages declare in the ``sluice.commands`` entry point group,
-    each a Typer app under its entry point's name.
+@cli.command(
+    "bench",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def bench(ctx: typer.Context) -> None:
+    """Throughput, latency and memory on a real broker (docs/performance.md); --help for options.
 
-    This is how ``sluice bench`` exists (pyproject.toml: ``bench = "bench.cli:bench_cli"``): the
-    benchmark is a tool that uses the runtime, not a part of it, so app/ never imports it (a unit
-    test checks), and users still type ``sluice bench`` with the same flags. A second console
-    script would change that command; an import here would tie the runtime to the bench again.
-    The entry points are loaded when the CLI is (as app.bench was imported before): cheap, as
-    bench/ imports its heavy dependencies inside the functions that use them. One that fails to
-    load is named on stderr and left out: the runtime's own commands must not depend on it.
-    """
-    from importlib.metadata import entry_points
+    The benchmark is a tool that uses the runtime, not a part of it: it lives in bench/ and this
+    process becomes ``python -m bench`` with the same arguments, so no runtime process ever imports
+    it (tests/unit/test_runtime_imports.py) and the exit code and Ctrl-C are the bench's own."""
+    argv = [sys.executable, "-m", "bench", *ctx.args]
+    os.execve(sys.executable, argv, {**os.environ, "SLUICE_BENCH_PROG": BENCH_PROG})  # noqa: S606
 
-    for entry in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
-        try:
-            sub = entry.load()
-        except Exception as exc:  # a broken optional command must not take `sluice worker` down
-            typer.echo(f"sluice: '{entry.name}' left out ({entry.value}: {exc!r})", err=True)
-            continue
-        if isinstance(sub, typer.Typer):
-            cli.add_typer(sub, name=entry.name)
-        else:
-            typer.echo(f"sluice: '{entry.name}' left out ({entry.value} is no Typer app)", err=True)
-
-
-_add_commands_from_entry_points()
 
 StateDir = Annotated[
     Path, typer.Option(envvar="SLUICE_STATE_DIR", help="Folder for broker data and logs.")

@@ -65,8 +65,7 @@ from bench.results import build_result
 from bench.system import code_version, host_info
 from bench.workload import EventMaker, write_config
 
-# The help `sluice --help` lists and `sluice bench --help` shows (the command is registered from
-# outside app/, through the "sluice.commands" entry point group: see pyproject.toml).
+# The help `sluice bench --help` shows (`sluice bench` execs `python -m bench`: app/cli.py).
 bench_cli = typer.Typer(
     add_completion=False, help="Throughput, latency and memory on a real broker."
 )

@@ -351,13 +351,17 @@ def test_time_inside_uvloop_counts_as_the_event_loop() -> None:
     ]
     assert profile.activity_of(loop_entry) == "event loop"
     # ... but a deeper sample of the same thread is judged by what it was doing.
-    deeper = [*loop_entry, "StageRunner.process (app/worker/runner.py:389)", "decode (schemas/codec.py:40)"]
+    deeper = [
+        *loop_entry,
+        "StageRunner.process (app/worker/runner.py:389)",
+        "decode (schemas/codec.py:40)",
+    ]
     assert profile.activity_of(deeper) == "decode (orjson+pydantic)"
 
 
 def test_frame_parts() -> None:
     frame = "StageRunner.process (app/worker/runner.py:288)"
-    assert profile.frame_function(frame) == "StageRunner.run"
+    assert profile.frame_function(frame) == "StageRunner.process"
     assert profile.frame_file(frame) == "app/worker/runner.py"
 
 

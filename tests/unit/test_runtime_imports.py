@@ -1,7 +1,7 @@
 """The runtime never imports the benchmark: bench/ (load generators, demo servers) uses app/, api/,
-agents/ and schemas/, never the other way round. `sluice bench` reaches it through the
-"sluice.commands" entry point and `sluice run` starts its demo tool server as a process, so no
-module of the runtime needs to import it; this keeps it so."""
+agents/ and schemas/, never the other way round. `sluice bench` execs `python -m bench` and
+`sluice run` starts its demo tool server as a process, so no module of the runtime needs to import
+it; this keeps it so."""
 
 from __future__ import annotations
 
