@@ -79,7 +79,7 @@ class Rig:
             clock=self.clock,
             generation=self.generation,
             retry=self.retry,
-            rng=random.Random(7),
+            rng=random.Random(7),  # noqa: S311 - backoff jitter, seeded for the test
             sleep=self.sleeps,
         )
 

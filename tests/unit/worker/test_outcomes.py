@@ -55,8 +55,17 @@ def test_an_outcome_moves_its_stat_its_metric_and_its_span_together(
     recorder = Recorder(Metrics(registry))
     recorder.declare(["policy"])
     item = Item(b"exc-1", b"{}", "t.triaged", 3, 42, None)
-    detail = Detail(seconds=0.01, outputs=1, error_class="transient", kind="ConnectionError",
-                    message="refused", attempt=1, delay=0.1, dlq="t.policy.dlq", count=2)
+    detail = Detail(
+        seconds=0.01,
+        outputs=1,
+        error_class="transient",
+        kind="ConnectionError",
+        message="refused",
+        attempt=1,
+        delay=0.1,
+        dlq="t.policy.dlq",
+        count=2,
+    )
 
     with recorder.span("policy", item) as span:
         recorder.record("policy", outcome, span, detail)
@@ -71,4 +80,6 @@ def test_an_outcome_moves_its_stat_its_metric_and_its_span_together(
     [finished] = spans.get_finished_spans()
     assert finished.name == "process t.triaged"
     assert (finished.attributes or {}).get("sluice.outcome") == marks.span_outcome
-    assert [e.name for e in finished.events] == ([SPAN_EVENTS[outcome]] if outcome in SPAN_EVENTS else [])
+    assert [e.name for e in finished.events] == (
+        [SPAN_EVENTS[outcome]] if outcome in SPAN_EVENTS else []
+    )

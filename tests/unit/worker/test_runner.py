@@ -115,7 +115,10 @@ async def test_retries_exhausted_dead_letter_the_event_with_its_cause(
     held = rig.held("policy", "exc-1")
     assert held is not None and held["head"]["offset"] == item.offset and held["parked"] == []
     assert rig.stat("policy", "dead_lettered") == 1
-    assert rig.metric("sluice_events_dead_lettered_total", stage="policy", error_class="transient") == 1
+    assert (
+        rig.metric("sluice_events_dead_lettered_total", stage="policy", error_class="transient")
+        == 1
+    )
     # not marked processed: a redrive must be able to run it again
     assert str(event.event_id) not in rig.processed
 

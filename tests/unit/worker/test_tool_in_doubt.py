@@ -43,7 +43,9 @@ class Ticketing:
         self.created: list[str] = []  # idempotency keys of the calls that acted
         self.crash_during_next_call = False
 
-    async def call(self, step: PlannedStep, idempotency_key: str, event: ExceptionPlanned) -> dict[str, Any]:
+    async def call(
+        self, step: PlannedStep, idempotency_key: str, event: ExceptionPlanned
+    ) -> dict[str, Any]:
         self.created.append(idempotency_key)
         if self.crash_during_next_call:
             self.crash_during_next_call = False
