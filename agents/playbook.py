@@ -91,9 +91,13 @@ def _choose(event: ExceptionDecided, playbooks: Sequence[Playbook]) -> Playbook 
 
 
 def plan(
-    event: ExceptionDecided, playbooks: Sequence[Playbook], now: datetime
+    event: ExceptionDecided, playbooks: Sequence[Playbook], now: datetime, approved: bool = False
 ) -> ExceptionPlanned | None:
     """The plan for a ``proceed`` decision; None for any other decision (the chain stops at policy).
+
+    ``approved`` plans an ``awaiting_approval`` decision as a person's approval lets it run: as
+    proceed, with no step waiting for another approval (the playbook stage shows that plan while
+    the exception is held, and emits it once approved).
 
     No matching playbook gives a plan with ``playbook_id`` "none" and no steps, so the history still
     says that nothing was planned. A step whose ``tool.action`` the decision does not allow is
@@ -101,11 +105,18 @@ def plan(
     step holds the whole plan (``awaiting_approval``), since later steps may depend on it.
     """
     decided = event.payload
-    if decided.decision != Decision.proceed:
+    runnable = (Decision.proceed, Decision.awaiting_approval) if approved else (Decision.proceed,)
+    if decided.decision not in runnable:
         return None
+    timeout = decided.approval_timeout_seconds
     playbook = _choose(event, playbooks)
     if playbook is None:
-        payload = PlannedPayload(context=decided.context, playbook_id="none")
+        payload = PlannedPayload(
+            context=decided.context,
+            playbook_id="none",
+            approval_timeout_seconds=timeout,
+            policy_id=decided.policy_id,
+        )
         return follow(event, ExceptionPlanned, "playbook", payload, now)
 
     values = _template_values(event)
@@ -116,13 +127,16 @@ def plan(
         if not _any_glob(action, decided.allowed_actions):
             skipped.append(SkippedStep(step_id=step.id, reason=_not_allowed(action, event)))
             continue
-        steps.append(_planned(step, values, _any_glob(action, decided.approval_required_for)))
+        needs = not approved and _any_glob(action, decided.approval_required_for)
+        steps.append(_planned(step, values, needs))
     payload = PlannedPayload(
         context=decided.context,
         playbook_id=playbook.id,
         steps=tuple(steps),
         skipped=tuple(skipped),
         awaiting_approval=any(s.requires_approval for s in steps),
+        approval_timeout_seconds=timeout,
+        policy_id=decided.policy_id,
     )
     return follow(event, ExceptionPlanned, "playbook", payload, now)
 

@@ -2,8 +2,9 @@
 
 The pure core of the policy stage. Its agent consumes ``ExceptionTriaged``, calls :func:`decide`
 with the tenant's ``[policy]`` configuration, and sends the ``ExceptionDecided`` on. Only a
-``proceed`` decision leads to a plan (see ``agents/playbook.py``); ``suppressed`` and
-``awaiting_approval`` end the chain here, and the projection shows them as the exception's status.
+``proceed`` decision leads to a plan at once (see ``agents/playbook.py``); ``suppressed`` ends the
+chain here, and ``awaiting_approval`` holds it at the playbook stage until a person decides
+(``agents/approval.py``).
 The decision carries which tool actions the playbook may run and which need a human approval, so the
 playbook stage needs no policy lookups.
 """
@@ -81,16 +82,19 @@ def decide(event: ExceptionTriaged, config: PolicyConfig, now: datetime) -> Exce
             f"({_ordinal(context.occurrences_in_window)} occurrence in the repeat window)."
         )
         return _decided(event, context, Decision.suppressed, reason, policy_id, None, now)
+    timeout = then.approval_timeout_seconds or config.approval_timeout_seconds
     if "*" in then.approval_required_for:
         reason = (
             f"Policy {policy_id!r} requires a human approval before any action runs "
             f"(allowed once approved: {_listing(then.allowed_actions)})."
         )
-        return _decided(event, context, Decision.awaiting_approval, reason, policy_id, then, now)
+        return _decided(
+            event, context, Decision.awaiting_approval, reason, policy_id, then, now, timeout
+        )
     reason = f"Policy {policy_id!r} allows {_listing(then.allowed_actions)}"
     if then.approval_required_for:
         reason += f"; approval is required for {_listing(then.approval_required_for)}"
-    return _decided(event, context, Decision.proceed, reason + ".", policy_id, then, now)
+    return _decided(event, context, Decision.proceed, reason + ".", policy_id, then, now, timeout)
 
 
 def _decided(
@@ -101,6 +105,7 @@ def _decided(
     policy_id: str,
     then: PolicyThen | None,
     now: datetime,
+    approval_timeout_seconds: int | None = None,
 ) -> ExceptionDecided:
     payload = DecidedPayload(
         context=context,
@@ -109,5 +114,7 @@ def _decided(
         policy_id=policy_id,
         allowed_actions=then.allowed_actions if then is not None else (),
         approval_required_for=then.approval_required_for if then is not None else (),
+        # only a decision that can hold something carries how long it may wait
+        approval_timeout_seconds=approval_timeout_seconds if then is not None else None,
     )
     return follow(event, ExceptionDecided, "policy", payload, now)

@@ -23,7 +23,9 @@ import orjson
 from app.rocks import AtMostEvery
 
 # Statuses after which no stage emits anything more for the exception (schemas.state.fold).
-CLOSED = frozenset({"resolved", "failed", "no_action", "suppressed", "discarded"})
+CLOSED = frozenset(
+    {"resolved", "failed", "no_action", "suppressed", "discarded", "rejected", "approval_expired"}
+)
 
 # Faust keeps each partition's changelog offset in the store, under this key.
 OFFSET_KEY = b"__faust\x00offset__"

@@ -85,6 +85,13 @@ class Settings(BaseSettings):
         description="How often the projection looks at the next 250 records of each of its "
         "partitions for closed exceptions past retention.",
     )
+    approval_sweep_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=50,
+        description="How often a worker looks for held exceptions past their approval deadline "
+        "(they end as approval_expired at most this much, plus the time to process, late).",
+    )
     worker_session_timeout_seconds: float = Field(
         default=10.0,
         ge=6,

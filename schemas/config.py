@@ -132,6 +132,9 @@ class TriageConfig(Strict):
 
 # ----------------------------------------------------------------------------------------- policy
 
+DEFAULT_APPROVAL_TIMEOUT_SECONDS = 24 * 3600
+MAX_APPROVAL_TIMEOUT_SECONDS = 30 * 24 * 3600
+
 
 class PolicyThen(Strict):
     allowed_actions: tuple[str, ...] = Field(
@@ -142,6 +145,13 @@ class PolicyThen(Strict):
     )
     suppress_repeats: bool = Field(
         default=False, description="Suppress an exception whose fingerprint repeats in window."
+    )
+    approval_timeout_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_APPROVAL_TIMEOUT_SECONDS,
+        description="How long an exception this rule holds waits for a decision before it ends "
+        "as approval_expired; unset: the tenant's [policy] approval_timeout_seconds.",
     )
 
 
@@ -171,6 +181,12 @@ class PolicyConfig(Strict):
     rules: tuple[PolicyRule, ...] = ()
     default: PolicyThen = PolicyThen()
     maintenance_windows: tuple[MaintenanceWindow, ...] = ()
+    approval_timeout_seconds: int = Field(
+        default=DEFAULT_APPROVAL_TIMEOUT_SECONDS,
+        ge=1,
+        le=MAX_APPROVAL_TIMEOUT_SECONDS,
+        description="How long a held exception waits for a decision, unless its rule says.",
+    )
 
 
 # --------------------------------------------------------------------------------------- playbook

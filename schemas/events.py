@@ -139,6 +139,9 @@ class DecidedPayload(Frozen):
     policy_id: str
     allowed_actions: tuple[str, ...] = ()
     approval_required_for: tuple[str, ...] = ()
+    approval_timeout_seconds: int | None = Field(
+        default=None, description="How long a held exception waits for a decision (policy)."
+    )
 
 
 class PlannedStep(Frozen):
@@ -162,6 +165,10 @@ class PlannedPayload(Frozen):
     awaiting_approval: bool = Field(
         default=False, description="A step needs approval: the tool stage does not run the plan."
     )
+    approval_timeout_seconds: int | None = Field(
+        default=None, description="How long a held plan waits for a decision (from the policy)."
+    )
+    policy_id: str | None = Field(default=None, description="The policy rule that allowed it.")
 
 
 class StepResult(Frozen):
@@ -220,6 +227,49 @@ class QuarantineLiftedPayload(Frozen):
     released: int = Field(description="Parked events processed after the lift.")
     reason: str | None = None
     requested_by: str
+
+
+class ApprovalRequestedPayload(Frozen):
+    """A stage holds the exception until a person approves or rejects (or the timer runs out)."""
+
+    stage: Literal["playbook", "tool"] = Field(
+        description="playbook: policy held every action; tool: a planned step needs approval."
+    )
+    held_event_id: uuid.UUID = Field(description="The decision or plan that is held.")
+    policy_id: str
+    reason: str = Field(description="The policy's reason for holding it.")
+    severity: Severity | None = None
+    category: str | None = None
+    playbook_id: str
+    steps: tuple[PlannedStep, ...] = Field(description="What runs once approved.")
+    requested_at: AwareDatetime
+    expires_at: AwareDatetime
+
+
+class ApprovalSubmittedPayload(Frozen):
+    """A decision about a held exception, for the stage that holds it: an operator's approve or
+    reject, or the approval timer's expire."""
+
+    action: Literal["approve", "reject", "expire"]
+    stage: Literal["playbook", "tool"]
+    requested_by: str = Field(max_length=200)
+    role: str | None = None
+    reason: str = Field(min_length=1, max_length=1000)
+
+
+class ApprovalDecisionPayload(Frozen):
+    """What the holding stage made of a submitted decision (ExceptionApproved, ExceptionRejected,
+    ExceptionApprovalExpired, or ExceptionApprovalRefused when nothing was held any more)."""
+
+    stage: Literal["playbook", "tool"]
+    action: Literal["approve", "reject", "expire"]
+    decided_by: str
+    role: str | None = None
+    reason: str
+    submitted_event_id: uuid.UUID
+    held_event_id: uuid.UUID | None = None
+    requested_at: AwareDatetime | None = None
+    refused_because: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -302,6 +352,36 @@ class ExceptionQuarantineLifted(EventBase):
     payload: QuarantineLiftedPayload
 
 
+class ExceptionApprovalRequested(EventBase):
+    event_type: Literal["ExceptionApprovalRequested"] = "ExceptionApprovalRequested"
+    payload: ApprovalRequestedPayload
+
+
+class ExceptionApprovalSubmitted(EventBase):
+    event_type: Literal["ExceptionApprovalSubmitted"] = "ExceptionApprovalSubmitted"
+    payload: ApprovalSubmittedPayload
+
+
+class ExceptionApproved(EventBase):
+    event_type: Literal["ExceptionApproved"] = "ExceptionApproved"
+    payload: ApprovalDecisionPayload
+
+
+class ExceptionRejected(EventBase):
+    event_type: Literal["ExceptionRejected"] = "ExceptionRejected"
+    payload: ApprovalDecisionPayload
+
+
+class ExceptionApprovalExpired(EventBase):
+    event_type: Literal["ExceptionApprovalExpired"] = "ExceptionApprovalExpired"
+    payload: ApprovalDecisionPayload
+
+
+class ExceptionApprovalRefused(EventBase):
+    event_type: Literal["ExceptionApprovalRefused"] = "ExceptionApprovalRefused"
+    payload: ApprovalDecisionPayload
+
+
 OPERATOR_REQUESTS = ("ExceptionRedriveRequested", "ExceptionDiscardRequested")
 
 Event = Annotated[
@@ -316,7 +396,13 @@ Event = Annotated[
     | ExceptionDiscardRequested
     | ExceptionDeadLettered
     | ExceptionParked
-    | ExceptionQuarantineLifted,
+    | ExceptionQuarantineLifted
+    | ExceptionApprovalRequested
+    | ExceptionApprovalSubmitted
+    | ExceptionApproved
+    | ExceptionRejected
+    | ExceptionApprovalExpired
+    | ExceptionApprovalRefused,
     Field(discriminator="event_type"),
 ]
 

@@ -19,6 +19,9 @@ from schemas.events import (
     Decision,
     Event,
     ExceptionAccepted,
+    ExceptionApprovalExpired,
+    ExceptionApprovalRequested,
+    ExceptionApproved,
     ExceptionCompleted,
     ExceptionDeadLettered,
     ExceptionDecided,
@@ -26,6 +29,7 @@ from schemas.events import (
     ExceptionParked,
     ExceptionPlanned,
     ExceptionQuarantineLifted,
+    ExceptionRejected,
     ExceptionTriaged,
     Severity,
     Stage,
@@ -43,6 +47,8 @@ ExceptionStatus = Literal[
     "no_action",
     "dead_lettered",
     "discarded",
+    "rejected",
+    "approval_expired",
 ]
 
 
@@ -90,6 +96,11 @@ class ExceptionState(BaseModel):
         "stage, error_class, message, entry_id, attempts.",
     )
     parked: int = Field(default=0, description="Events parked behind the dead letter.")
+    approval: dict[str, Any] | None = Field(
+        default=None,
+        description="Set once a stage holds the exception for approval: stage, policy_id, reason, "
+        "requested_at, expires_at, and once decided: decision, decided_by, role, decided_at.",
+    )
 
 
 class ExceptionRecord(BaseModel):
@@ -182,7 +193,30 @@ def fold(exception_id: str, tenant_id: str, history: list[HistoryEntry]) -> Exce
             fields["parked"] = 0
             if fields["status"] == "dead_lettered":
                 fields["status"] = "discarded" if p["action"] == "discard" else "in_progress"
+        elif h.event_type == ExceptionApprovalRequested.__name__:
+            fields["status"] = "awaiting_approval"
+            fields["approval"] = {
+                k: p[k] for k in ("stage", "policy_id", "reason", "requested_at", "expires_at")
+            }
+        elif h.event_type in _DECISIONS:
+            status, decision = _DECISIONS[h.event_type]
+            fields["status"] = status
+            fields["approval"] = {
+                **(fields.get("approval") or {}),
+                "decision": decision,
+                "decided_by": p["decided_by"],
+                "role": p.get("role"),
+                "decided_at": h.occurred_at.isoformat(),
+            }
     return ExceptionState.model_validate(fields)
+
+
+# A decision's event type -> (the status it leaves, the decision's name)
+_DECISIONS = {
+    ExceptionApproved.__name__: ("in_progress", "approved"),
+    ExceptionRejected.__name__: ("rejected", "rejected"),
+    ExceptionApprovalExpired.__name__: ("approval_expired", "expired"),
+}
 
 
 def apply(record: ExceptionRecord | None, event: Event) -> ExceptionRecord | None:

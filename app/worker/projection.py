@@ -13,10 +13,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, MutableMapping
 from datetime import timedelta
+from typing import Any
+
+import orjson
 
 from app.retention import Sweep
 from app.stores import BytesMapping, Decoded, stored
 from app.telemetry import Metrics
+from app.worker.audit import audit_entry
 from app.worker.items import Item, Output, StageError
 from app.worker.ports import Changelog, Clock
 from schemas.events import Event, ExceptionCompleted
@@ -43,6 +47,7 @@ class Projection:
         retention_seconds: int = 0,
         sweep: Sweep | None = None,
         scan: Scan | None = None,
+        audit: MutableMapping[str, bytes] | None = None,
     ) -> None:
         self.exceptions = exceptions
         self.fingerprints = fingerprints
@@ -54,6 +59,8 @@ class Projection:
         self.retention_seconds = retention_seconds
         self.sweep = sweep
         self.scan = scan
+        self.audit = audit  # event id -> the audit entry of an operator's action (app.worker.audit)
+        self.entries: dict[str, tuple[dict[str, Any], Item | None]] = {}
 
     async def handle(self, event: Event, redriven: bool = False) -> list[Output]:
         key = event.exception_id.encode()
@@ -66,6 +73,9 @@ class Projection:
         updated = apply(record, event)
         if updated is not None:
             self.records[key] = (updated, self.changelog.bound())
+            entry = audit_entry(event) if self.audit is not None else None
+            if entry is not None:
+                self.entries[entry["event_id"]] = (entry, self.changelog.bound())
             if isinstance(event, ExceptionCompleted):
                 received = updated.state.received_at
                 self.metrics.end_to_end((event.occurred_at - received).total_seconds())
@@ -83,6 +93,7 @@ class Projection:
     def discard(self) -> None:
         """Forget the batch's folds (the batch was abandoned and comes again)."""
         self.records.clear()
+        self.entries.clear()
 
     def write(self) -> None:
         """Write the batch's folded records, each to its own event's changelog partition."""
@@ -94,6 +105,12 @@ class Projection:
             self.exceptions[key] = record.model_dump_json().encode()
             self.written.put(key, record)
         self.records.clear()
+        for event_id, (entry, item) in self.entries.items():
+            if item is not None:
+                self.changelog.bind(item)
+            assert self.audit is not None  # noqa: S101 - only filled when there is one
+            self.audit[event_id] = orjson.dumps(entry)
+        self.entries.clear()
         if self.retention_seconds and self.sweep is not None and self.scan is not None:
             for partition, item in partitions.items():
                 if self.sweep.due(partition):

@@ -15,6 +15,9 @@ from typing import Any, Generic, TypeVar
 from schemas.events import (
     EventBase,
     ExceptionAccepted,
+    ExceptionApprovalRequested,
+    ExceptionApprovalSubmitted,
+    ExceptionApproved,
     ExceptionCompleted,
     ExceptionDeadLettered,
     ExceptionDecided,
@@ -25,6 +28,7 @@ from schemas.events import (
     ExceptionPlanned,
     ExceptionQuarantineLifted,
     ExceptionRedriveRequested,
+    ExceptionRejected,
     ExceptionTriaged,
 )
 
@@ -85,11 +89,23 @@ TRIAGE = Stage(
 POLICY = Stage(
     "policy", ("triaged",), ("decided",), ExceptionTriaged, (ExceptionDecided,), "apply_policy"
 )
+# The two stages that can hold an exception for approval (agents/approval.py) also write the
+# approval notes (requested, approved, rejected, expired, refused) to the operations topic.
 PLAYBOOK = Stage(
-    "playbook", ("decided",), ("planned",), ExceptionDecided, (ExceptionPlanned,), "choose_playbook"
+    "playbook",
+    ("decided",),
+    ("planned", OPERATIONS),
+    ExceptionDecided,
+    (ExceptionPlanned, ExceptionApprovalRequested, ExceptionApproved, ExceptionRejected),
+    "choose_playbook",
 )
 TOOL = Stage(
-    "tool", ("planned",), ("completed",), ExceptionPlanned, (ExceptionCompleted,), "execute_tools"
+    "tool",
+    ("planned",),
+    ("completed", OPERATIONS),
+    ExceptionPlanned,
+    (ExceptionCompleted, ExceptionApprovalRequested, ExceptionApproved, ExceptionRejected),
+    "execute_tools",
 )
 # The projection folds every event of an exception's history into its record. Its requests come on
 # the operations topic, which it reads anyway.
@@ -115,8 +131,16 @@ NOTES: tuple[type[EventBase], ...] = (
     ExceptionDeadLettered,
     ExceptionParked,
     ExceptionQuarantineLifted,
+    ExceptionApprovalRequested,
+    ExceptionApproved,
+    ExceptionRejected,
 )
 REQUESTS = (ExceptionRedriveRequested, ExceptionDiscardRequested)
+# Events addressed to one stage by ``payload.stage``: the others that read the topic pass them by
+# (the projection folds them into the history).
+ADDRESSED = (*REQUESTS, ExceptionApprovalSubmitted)
+# Where a decision about a held exception goes: the stages that can hold one.
+HOLDERS = ("playbook", "tool")
 
 
 def stage(name: str) -> Stage[Any]:

@@ -34,7 +34,7 @@ from app.worker.outcomes import Detail, Outcome
 from app.worker.ports import StageContext
 from app.worker.quarantine import QuarantineBook, dead_letter, holds, park
 from app.worker.redrive import operate
-from app.worker.registry import PROJECTION, REQUESTS, Stage
+from app.worker.registry import ADDRESSED, PROJECTION, REQUESTS, Stage
 from schemas.codec import PoisonEvent, decode, encode
 from schemas.events import Event
 
@@ -174,13 +174,16 @@ class StageRunner:
             exception_id=event.exception_id,
             event_id=str(event.event_id),
         )
-        if isinstance(event, REQUESTS):
-            if event.payload.stage == self.name:
-                await operate(self, event, span)
-                return True
-            if self.name != PROJECTION.name:
-                ctx.telemetry.record(self.name, Outcome.PASSED, span)
-                return True  # addressed to another stage that shares the topic
+        if isinstance(event, REQUESTS) and event.payload.stage == self.name:
+            await operate(self, event, span)
+            return True
+        if (
+            isinstance(event, ADDRESSED)
+            and event.payload.stage != self.name
+            and self.name != PROJECTION.name
+        ):
+            ctx.telemetry.record(self.name, Outcome.PASSED, span)
+            return True  # addressed to another stage that shares the topic
         qid = event.exception_id
         quarantined = None if redriven else self.book.get(qid)
         if quarantined is not None:

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import httpx
 import orjson
 
+from agents.approval import hold_decision, hold_plan, settle
 from agents.intake import FingerprintGroup, group, group_key, intake
 from agents.llm import LLMClassifier
 from agents.playbook import plan
@@ -23,14 +24,20 @@ from agents.tool import Ledger, RetryPolicy, execute
 from agents.tools import Tool, build_tools
 from agents.triage import triage
 from app.stores import BytesMapping, Decoded, stored
+from app.worker.approvals import Approvals
 from app.worker.items import Handler, Output, StageError
 from app.worker.ports import Clock, Tenants
-from app.worker.registry import GROUP, INTAKE, PLAYBOOK, POLICY, TOOL, TRIAGE, Stage
+from app.worker.registry import GROUP, INTAKE, OPERATIONS, PLAYBOOK, POLICY, TOOL, TRIAGE, Stage
 from schemas.config import TenantConfig
 from schemas.events import (
+    Decision,
     Event,
     EventBase,
     ExceptionAccepted,
+    ExceptionApprovalSubmitted,
+    ExceptionCompleted,
+    ExceptionPlanned,
+    follow,
 )
 
 E = TypeVar("E", bound=EventBase)
@@ -97,6 +104,7 @@ class StageHandlers:
         groups: BytesMapping,
         ledger: Ledger,
         retry: RetryPolicy,
+        approvals: BytesMapping | None = None,
         clients: Clients | None = None,
         decoded_groups: Decoded[str, dict[str, Any]] | None = None,
         durable: Callable[[], Awaitable[None]] = _nothing,
@@ -107,6 +115,7 @@ class StageHandlers:
         self.groups = groups
         self.ledger = ledger
         self.retry = retry
+        self.approvals = Approvals({} if approvals is None else approvals)
         self.clients = clients or Clients()
         # tenant:fingerprint -> the group table's value, decoded (None: nothing kept)
         self.decoded_groups = decoded_groups
@@ -183,17 +192,36 @@ class StageHandlers:
         return [(POLICY.outputs[0], out.exception_id.encode(), out)]
 
     async def playbook(self, event: Event, redriven: bool = False) -> list[Output]:
+        """Plan a decision. One that policy holds for approval is planned as approval would let it
+        run, and held here (agents/approval.py) until a decision about it arrives."""
+        if isinstance(event, ExceptionApprovalSubmitted):
+            return await self.decide(event)
         decided = expect(event, PLAYBOOK)
-        out = plan(decided, self.tenant(decided).playbooks, self.clock())
-        return [] if out is None else [(PLAYBOOK.outputs[0], out.exception_id.encode(), out)]
+        key = decided.exception_id.encode()
+        playbooks = self.tenant(decided).playbooks
+        if decided.payload.decision == Decision.awaiting_approval:
+            approved = plan(decided, playbooks, self.clock(), approved=True)
+            if approved is None:  # plan() plans every awaiting decision when approved
+                raise StageError(f"no plan for the held decision {decided.event_id}")
+            note = self.approvals.hold(hold_decision(decided, approved, self.clock()))
+            return [(OPERATIONS, key, note)]
+        out = plan(decided, playbooks, self.clock())
+        return [] if out is None else [(PLAYBOOK.outputs[0], key, out)]
 
     async def tool(self, event: Event, redriven: bool = False) -> list[Output]:
         """Run the plan. A step that still fails after its retries dead-letters the plan (nothing
         is emitted), so the exception is quarantined here until an operator redrives it; the
         ledger keeps the steps that did succeed, and the redrive does not call them again."""
+        if isinstance(event, ExceptionApprovalSubmitted):
+            return await self.decide(event, redriven)
         planned = expect(event, TOOL)
-        if planned.payload.awaiting_approval:
-            return []  # the chain waits for an approval; the projection shows awaiting_approval
+        key = planned.exception_id.encode()
+        if planned.payload.awaiting_approval:  # held here until a decision about it arrives
+            return [(OPERATIONS, key, self.approvals.hold(hold_plan(planned, self.clock())))]
+        out = await self.run_plan(planned, redriven)
+        return [(TOOL.outputs[0], key, out)]
+
+    async def run_plan(self, planned: ExceptionPlanned, redriven: bool) -> ExceptionCompleted:
         out = await execute(
             planned,
             self.clients.tools_for(self.tenant(planned)),
@@ -212,4 +240,34 @@ class StageHandlers:
                 kind=f"tool:{failed.tool}",
                 attempts=int(failed.detail.get("attempts") or 1),
             )
-        return [(TOOL.outputs[0], out.exception_id.encode(), out)]
+        return out
+
+    async def decide(
+        self, submission: ExceptionApprovalSubmitted, redriven: bool = False
+    ) -> list[Output]:
+        """A person's approve or reject (or the timer's expire) of what this stage holds. The
+        decided hold is written before any held work runs, so a decision that comes again after
+        a crash finds it decided by itself and gives the same outputs; another one is refused."""
+        self.tenant(submission)
+        key = submission.exception_id.encode()
+        hold = self.approvals.get(submission.exception_id)
+        settled = settle(submission, hold, self.clock())
+        if settled.hold is not None:
+            self.approvals.put(settled.hold)
+        outputs: list[Output] = [(OPERATIONS, key, settled.result)]
+        if not settled.run or settled.hold is None:
+            return outputs
+        runnable = settled.hold.runnable_plan()
+        if settled.hold.stage == PLAYBOOK.name:
+            planned = follow(
+                settled.result, ExceptionPlanned, "playbook", runnable.payload, self.clock()
+            )
+            outputs.append((PLAYBOOK.outputs[0], key, planned))
+        else:
+            # The steps keep the held plan's idempotency keys; the completion follows the approval.
+            done = await self.run_plan(runnable, redriven)
+            completed = follow(
+                settled.result, ExceptionCompleted, "tool", done.payload, self.clock()
+            )
+            outputs.append((TOOL.outputs[0], key, completed))
+        return outputs

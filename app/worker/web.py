@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
 import httpx
@@ -21,6 +22,9 @@ from faust.web import Request, Response, View
 from app.admin import broker_problem
 from app.rocks import cache_usage, table_memory
 from app.telemetry import render_metrics, shutdown_tracing
+from app.worker import approvals as held
+from app.worker import audit
+from app.worker.approvals import Approvals
 from schemas.state import ExceptionRecord
 
 if TYPE_CHECKING:
@@ -212,6 +216,68 @@ def register_views(worker: Worker) -> None:
                 items.extend(page["items"])
             items.sort(key=lambda e: (e["since"] or "", e["exception_id"]))
             return self.json({"items": items})
+
+    approvals = Approvals(tables.approvals)
+
+    @app.page("/sluice/approvals")
+    class ApprovalListView(View):
+        """Pending approvals of a tenant, oldest first (the small ``approvals`` table only)."""
+
+        async def get(self, request: Request) -> Response:
+            query = dict(request.query)
+            try:
+                limit = max(1, min(MAX_LIMIT + 1, int(query.get("limit", "50"))))
+                after = held.decode_cursor(query["cursor"]) if query.get("cursor") else None
+            except (ValueError, TypeError):
+                return self.json(
+                    {"detail": "limit must be an integer and cursor opaque"}, status=400
+                )
+            if not ready():
+                return _not_ready(self)
+            items = held.local_page(approvals, query.get("tenant"), after, limit + 1)
+            if query.get("local") == "1":
+                return self.json({"items": items})
+            for page in await scatter("/sluice/approvals", {**query, "limit": str(limit + 1)}):
+                items.extend(page["items"])
+            items.sort(key=held.listing_key)
+            more = len(items) > limit
+            items = items[:limit]
+            next_cursor = (
+                held.encode_cursor(held.listing_key(items[-1])) if more and items else None
+            )
+            return self.json({"items": items, "next_cursor": next_cursor})
+
+    @app.page("/sluice/audit")
+    class AuditView(View):
+        """Operator actions of a tenant, newest first, filtered (app.worker.audit)."""
+
+        async def get(self, request: Request) -> Response:
+            query = dict(request.query)
+            try:
+                limit = max(1, min(MAX_LIMIT + 1, int(query.get("limit", "50"))))
+                if query.get("cursor"):
+                    audit.decode_cursor(query["cursor"])
+                for bound in ("since", "until"):
+                    if query.get(bound):
+                        datetime.fromisoformat(query[bound])
+            except (ValueError, TypeError):
+                return self.json(
+                    {"detail": "limit must be an integer and cursor opaque"}, status=400
+                )
+            if not ready():
+                return _not_ready(self)
+            items = audit.local_page(tables.audit, query, limit + 1)
+            if query.get("local") == "1":
+                return self.json({"items": items})
+            for page in await scatter("/sluice/audit", {**query, "limit": str(limit + 1)}):
+                items.extend(page["items"])
+            items.sort(key=audit.listing_key, reverse=True)
+            more = len(items) > limit
+            items = items[:limit]
+            next_cursor = (
+                audit.encode_cursor(audit.listing_key(items[-1])) if more and items else None
+            )
+            return self.json({"items": items, "next_cursor": next_cursor})
 
     def partition_lags() -> dict[Any, int]:
         """Records not yet committed, per assigned topic-partition of this worker."""

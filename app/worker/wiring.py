@@ -33,6 +33,7 @@ from app.settings import Settings
 from app.stores import Decoded, MappingLedger, MappingProcessedStore
 from app.telemetry import Metrics, metrics, start_send_span
 from app.topics import TopicNames
+from app.worker.approvals import Approvals, ExpiryTimer
 from app.worker.faust_app import create_app, take_batches
 from app.worker.items import Item, Outgoing
 from app.worker.outcomes import Recorder
@@ -226,6 +227,8 @@ class Tables:
     groups: Any  # tenant:fingerprint -> group and its recent outputs
     ledger: Any  # idempotency key -> StepResult or an in-flight marker
     quarantine: Any  # <stage>:<exception id> -> dead letter and parked items
+    approvals: Any  # exception id -> the hold of the stage that holds it for approval
+    audit: Any  # event id -> an operator action (app.worker.audit)
     processed: dict[str, Any] = field(default_factory=dict)  # processed-<stage>
 
 
@@ -306,7 +309,7 @@ class _Declare:
 
 def build_worker(settings: Settings, worker_metrics: Metrics = metrics) -> Worker:
     """The worker's Faust app with its topics, tables, runners, agents and web views."""
-    from app.worker.web import register_views
+    from app.worker.web import is_ready, register_views
 
     tenants = FileTenants(settings.config_dir)  # a ConfigError names the file and the problem
     app = create_app(settings)
@@ -321,6 +324,8 @@ def build_worker(settings: Settings, worker_metrics: Metrics = metrics) -> Worke
         groups=declare.expiring_table("fingerprint-groups"),
         ledger=declare.expiring_table("tool-ledger"),
         quarantine=declare.table("quarantine"),
+        approvals=declare.table("approvals"),
+        audit=declare.table("audit"),
     )
     rebalances = Rebalances()
     for signal in (
@@ -354,6 +359,7 @@ def build_worker(settings: Settings, worker_metrics: Metrics = metrics) -> Worke
         groups=tables.groups,
         ledger=MappingLedger(tables.ledger),
         retry=retry,
+        approvals=tables.approvals,
         clients=clients,
         decoded_groups=Decoded(settings.worker_decoded_cache, rebalances.current),
         durable=tables.ledger.durable,
@@ -368,6 +374,7 @@ def build_worker(settings: Settings, worker_metrics: Metrics = metrics) -> Worke
         retention_seconds=settings.exception_retention_seconds,
         sweep=Sweep(settings.exception_sweep_seconds),
         scan=cast(Store, tables.exceptions.data).items_from,
+        audit=tables.audit,
     )
     runners: dict[str, StageRunner] = {}
     for stage in STAGES:
@@ -389,6 +396,16 @@ def build_worker(settings: Settings, worker_metrics: Metrics = metrics) -> Worke
     worker = Worker(app, settings, names, tables, recorder, runners, clients, Drain(), rebalances)
     _register_agents(worker, topics)
     register_views(worker)
+    timer = ExpiryTimer(Approvals(tables.approvals), ctx.producer, names, now)
+
+    @app.timer(interval=settings.approval_sweep_seconds, on_leader=False)
+    async def expire_approvals() -> None:
+        if not is_ready(app):
+            return
+        try:
+            await timer.tick()
+        except Exception:  # the next tick tries again; a timer that raised would stop for good
+            log.exception("approvals: the expiry timer failed; trying again next tick")
 
     async def close_clients(
         sender: Any, /, *args: Any, signal: BaseSignalT[Any], **kwargs: Any

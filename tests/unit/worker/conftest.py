@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import socket
+import tomllib
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,7 +19,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from agents.tool import RetryPolicy
-from app.stores import MappingProcessedStore
+from agents.tools import Tool
+from app.stores import MappingLedger, MappingProcessedStore
 from app.telemetry import Metrics
 from app.topics import TopicNames
 from app.worker.items import Handler, Item, Output
@@ -27,7 +29,10 @@ from app.worker.outcomes import Recorder
 from app.worker.ports import StageContext
 from app.worker.registry import POLICY, Stage
 from app.worker.runner import StageRunner
+from app.worker.stages import Clients, StageHandlers
+from app.worker.tenants import StaticTenants
 from schemas.codec import decode, encode
+from schemas.config import TenantConfig
 from schemas.events import (
     Event,
     EventBase,
@@ -36,6 +41,7 @@ from schemas.events import (
     OperatorRequestPayload,
 )
 from tests import factories
+from tests.support.tenants import ACME
 
 
 def _closed_port() -> int:
@@ -171,4 +177,32 @@ def request(
         causation_id=None,
         correlation_id=uuid.uuid4(),
         payload=OperatorRequestPayload(stage=stage, requested_by="ops-alice", reason="fixed"),
+    )
+
+
+def acme() -> TenantConfig:
+    """The test tenant acme (tests/support/tenants.py), its tools at a closed address."""
+    return TenantConfig.model_validate(tomllib.loads(ACME.format(url="http://127.0.0.1:9")))
+
+
+def acme_handlers(
+    rig: Rig,
+    tools: dict[str, Tool],
+    *,
+    ledger: dict[str, bytes] | None = None,
+    approvals: dict[str, bytes] | None = None,
+) -> StageHandlers:
+    """The chain's handlers for acme, over tables the caller keeps (they outlive a "crash")."""
+    config = acme()
+    clients = Clients()
+    clients.tools[config.tenant_id] = tools
+    return StageHandlers(
+        tenants=StaticTenants(config),
+        clock=rig.clock,
+        fingerprints={},
+        groups={},
+        ledger=MappingLedger({} if ledger is None else ledger),
+        retry=RetryPolicy(max_attempts=1),
+        approvals={} if approvals is None else approvals,
+        clients=clients,
     )

@@ -8,18 +8,12 @@ over the same tables (what the changelogs would restore).
 from __future__ import annotations
 
 import asyncio
-import tomllib
 from typing import Any
 
 import pytest
 
-from agents.tool import RetryPolicy
-from app.stores import MappingLedger
 from app.worker.registry import TOOL
 from app.worker.runner import StageRunner
-from app.worker.stages import Clients, StageHandlers
-from app.worker.tenants import StaticTenants
-from schemas.config import TenantConfig
 from schemas.events import (
     ExceptionCompleted,
     ExceptionPlanned,
@@ -27,8 +21,7 @@ from schemas.events import (
     PlannedStep,
 )
 from tests import factories
-from tests.support.tenants import ACME
-from tests.unit.worker.conftest import Rig, request
+from tests.unit.worker.conftest import Rig, acme_handlers, request
 
 STEP = factories.make_step()  # ticket.create
 
@@ -55,19 +48,7 @@ class Ticketing:
 
 def tool_runner(rig: Rig, ledger: dict[str, bytes], ticketing: Ticketing) -> StageRunner:
     """A tool-stage runner, as a (re)started worker builds it, over tables that survive it."""
-    config = TenantConfig.model_validate(tomllib.loads(ACME.format(url="http://127.0.0.1:9")))
-    clients = Clients()
-    clients.tools[config.tenant_id] = {"ticket": ticketing}
-    handlers = StageHandlers(
-        tenants=StaticTenants(config),
-        clock=rig.clock,
-        fingerprints={},
-        groups={},
-        ledger=MappingLedger(ledger),
-        retry=RetryPolicy(max_attempts=1),
-        clients=clients,
-    )
-    return rig.runner(handlers.tool, TOOL)
+    return rig.runner(acme_handlers(rig, {"ticket": ticketing}, ledger=ledger).tool, TOOL)
 
 
 async def test_a_call_in_flight_at_a_crash_is_not_made_again_until_an_operator_redrives_it(
