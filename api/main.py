@@ -29,7 +29,7 @@ from api.deps import Runtime
 from api.idempotency import Idempotency
 from api.producer import KafkaEventProducer
 from api.reader import WorkerReader
-from api.routes import exceptions, health, operations
+from api.routes import approvals, audit, exceptions, health, operations
 from app.settings import Settings, get_settings
 from app.telemetry import (
     instrument_fastapi,
@@ -132,6 +132,8 @@ def create_api(settings: Settings | None = None) -> FastAPI:
     api.include_router(health.router)
     api.include_router(exceptions.router)
     api.include_router(operations.router)
+    api.include_router(approvals.router)
+    api.include_router(audit.router)
 
     generate = api.openapi
 

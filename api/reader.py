@@ -23,6 +23,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import ValidationError
 
+from api.errors import unavailable
 from app.settings import Settings
 from schemas.api import ExceptionListPublic
 from schemas.state import ExceptionRecord
@@ -126,6 +127,18 @@ class WorkerReader:
         return await first_answer(
             self._client, self._urls, path, params, not_found_is_answer=not_found_is_answer
         )
+
+
+async def worker_get(settings: Settings, path: str, params: Mapping[str, str | int]) -> Any:
+    """The first worker's answer to a list (``path`` gathers from the whole group); 207 counts (a
+    worker gathered what it could from the others); none answering is a 503 with Retry-After."""
+    async with httpx.AsyncClient(timeout=settings.worker_read_timeout_seconds) as client:
+        try:
+            return await first_answer(
+                client, settings.worker_urls, path, params, accepted=(200, 207)
+            )
+        except WorkerUnavailable as exc:
+            raise unavailable(str(exc)) from exc
 
 
 async def first_answer(

@@ -16,12 +16,14 @@ from typing import Annotated, Any
 import typer
 
 from app.kafka_local import DEFAULT_KAFKA_VERSION, KafkaError, LocalKafka, fetch_jars
+from app.operator_cli import register as register_operator_commands
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 kafka_cli = typer.Typer(
     no_args_is_help=True, help="The local single-node Kafka broker (no Docker)."
 )
 cli.add_typer(kafka_cli, name="kafka")
+register_operator_commands(cli)
 
 
 BENCH_PROG = "sluice bench"
@@ -377,132 +379,6 @@ def _stop_all(procs: list[subprocess.Popen[bytes]], timeout: float = 30.0) -> No
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-dlq_cli = typer.Typer(no_args_is_help=True, help="Dead letters: list, inspect, redrive, discard.")
-cli.add_typer(dlq_cli, name="dlq")
-ApiUrl = Annotated[str, typer.Option(envvar="SLUICE_API_URL", help="The Sluice API.")]
-ApiKey = Annotated[str, typer.Option(envvar="SLUICE_API_KEY", help="Your tenant's API key.")]
-
-
-def _api(method: str, url: str, key: str, **kwargs: Any) -> Any:
-    import httpx
-
-    try:
-        resp = httpx.request(method, url, headers={"X-API-Key": key}, timeout=30, **kwargs)
-    except httpx.HTTPError as exc:
-        typer.echo(f"Could not reach the API at {url}: {exc}", err=True)
-        raise typer.Exit(1) from exc
-    if resp.status_code >= 400:
-        try:
-            detail = resp.json().get("detail", resp.text)
-        except ValueError:
-            detail = resp.text
-        typer.echo(f"HTTP {resp.status_code}: {detail}", err=True)
-        raise typer.Exit(1)
-    return resp.json()
-
-
-@dlq_cli.command("list")
-def dlq_list(
-    api_url: ApiUrl = "http://127.0.0.1:8000",
-    api_key: ApiKey = "",
-    stage: str | None = None,
-    exception_id: str | None = None,
-    error_class: str | None = None,
-) -> None:
-    """List quarantined exceptions (dead letters), oldest first."""
-    params = {
-        k: v
-        for k, v in {
-            "stage": stage,
-            "exception_id": exception_id,
-            "error_class": error_class,
-        }.items()
-        if v
-    }
-    items = _api("GET", f"{api_url}/v1/dlq", api_key, params=params)["items"]
-    if not items:
-        typer.echo("No dead letters.")
-    for e in items:
-        head = e["head"]
-        typer.echo(
-            f"{e['stage']:<10} {e['exception_id']}  {head['error_class']:<9} "
-            f"attempts={head['attempts']} parked={e['parked_count']}  {head['message'][:80]}"
-        )
-
-
-@dlq_cli.command("show")
-def dlq_show(
-    stage: str, exception_id: str, api_url: ApiUrl = "http://127.0.0.1:8000", api_key: ApiKey = ""
-) -> None:
-    """Show one dead letter with its original bytes (base64) and the parked events."""
-    typer.echo(
-        json.dumps(_api("GET", f"{api_url}/v1/dlq/{stage}/{exception_id}", api_key), indent=2)
-    )
-
-
-@dlq_cli.command("redrive")
-def dlq_redrive(
-    exception_id: str,
-    api_url: ApiUrl = "http://127.0.0.1:8000",
-    api_key: ApiKey = "",
-    stage: str | None = None,
-    reason: str | None = None,
-) -> None:
-    """Process the dead-lettered event again, then its parked events in order."""
-    body = {"stage": stage, "reason": reason}
-    typer.echo(
-        json.dumps(
-            _api("POST", f"{api_url}/v1/exceptions/{exception_id}/redrive", api_key, json=body)
-        )
-    )
-
-
-@dlq_cli.command("discard")
-def dlq_discard(
-    exception_id: str,
-    reason: Annotated[str, typer.Option(help="Why; kept in the exception's history.")],
-    api_url: ApiUrl = "http://127.0.0.1:8000",
-    api_key: ApiKey = "",
-    stage: str | None = None,
-) -> None:
-    """Drop the dead-lettered event, then process its parked events in order."""
-    body = {"stage": stage, "reason": reason}
-    typer.echo(
-        json.dumps(
-            _api("POST", f"{api_url}/v1/exceptions/{exception_id}/discard", api_key, json=body)
-        )
-    )
-
-
-@cli.command("stats")
-def stats(api_url: ApiUrl = "http://127.0.0.1:8000", api_key: ApiKey = "") -> None:
-    """Pipeline statistics: per stage counters, DLQ depth, consumer lag; worker liveness."""
-    data = _api("GET", f"{api_url}/v1/pipeline/stats", api_key)
-    cols = [
-        "processed",
-        "duplicates",
-        "retried",
-        "dead_lettered",
-        "parked",
-        "dlq_depth",
-        "parked_now",
-        "consumer_lag",
-    ]
-    typer.echo(f"{'stage':<11}" + "".join(f"{c:>14}" for c in cols))
-    for name, st in data["stages"].items():
-        typer.echo(f"{name:<11}" + "".join(f"{st[c]:>14}" for c in cols))
-    for w in data["workers"]:
-        seen = (
-            "never"
-            if w["last_event_at"] is None
-            else f"{time.time() - w['last_event_at']:.0f}s ago"
-        )
-        typer.echo(
-            f"worker {w['worker']}: {'ready' if w['ready'] else 'NOT READY'}, "
-            f"{w['assigned_partitions']} partitions, last event {seen}"
-        )
 
 
 def main() -> None:

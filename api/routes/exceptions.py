@@ -286,7 +286,7 @@ async def list_exceptions(
 async def read_exception(
     exception_id: ExceptionIdPath, tenant: TenantDep, reader: ReaderDep
 ) -> ExceptionPublic:
-    return (await _read(reader, tenant, exception_id)).state
+    return (await read_record(reader, tenant, exception_id)).state
 
 
 @router.get(
@@ -298,10 +298,10 @@ async def read_exception(
 async def read_exception_events(
     exception_id: ExceptionIdPath, tenant: TenantDep, reader: ReaderDep
 ) -> list[EventPublic]:
-    return (await _read(reader, tenant, exception_id)).history
+    return (await read_record(reader, tenant, exception_id)).history
 
 
-async def _read(reader: ExceptionReader, tenant: str, exception_id: str) -> ExceptionRecord:
+async def read_record(reader: ExceptionReader, tenant: str, exception_id: str) -> ExceptionRecord:
     annotate(tenant_id=tenant, exception_id=exception_id)
     try:
         record = await reader.get_exception(tenant, exception_id)

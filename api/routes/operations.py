@@ -14,14 +14,13 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-import httpx
 from fastapi import APIRouter, Path, Query, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import ProducerDep, SettingsDep, TenantDep
-from api.errors import ApiProblem, unavailable
+from api.errors import ApiProblem
 from api.producer import OutgoingRecord
-from api.reader import WorkerUnavailable, first_answer
+from api.reader import worker_get
 from app.settings import Settings
 from app.topics import STAGES, TopicNames
 from schemas.codec import encode
@@ -80,22 +79,11 @@ class OperatorRequestAccepted(BaseModel):
     status_url: str
 
 
-async def _worker_get(settings: Settings, path: str, params: dict[str, str]) -> Any:
-    """The first worker's answer; 207 counts (a worker gathered what it could from the others)."""
-    async with httpx.AsyncClient(timeout=settings.worker_read_timeout_seconds) as client:
-        try:
-            return await first_answer(
-                client, settings.worker_urls, path, params, accepted=(200, 207)
-            )
-        except WorkerUnavailable as exc:
-            raise unavailable(str(exc)) from exc
-
-
 async def _entries(
     settings: Settings, tenant: str, **filters: str | None
 ) -> list[DeadLetterPublic]:
     params = {"tenant": tenant, **{k: v for k, v in filters.items() if v is not None}}
-    data = await _worker_get(settings, "/sluice/dlq", params)
+    data = await worker_get(settings, "/sluice/dlq", params)
     return [
         DeadLetterPublic.model_validate(i) for i in data["items"] if i.get("tenant_id") == tenant
     ]
@@ -134,7 +122,7 @@ async def read_dead_letter(
     exception_id: Annotated[str, Path(max_length=128)],
 ) -> DeadLetterPublic:
     params = {"tenant": tenant, "stage": stage, "exception_id": exception_id, "raw": "1"}
-    data = await _worker_get(settings, "/sluice/dlq", params)
+    data = await worker_get(settings, "/sluice/dlq", params)
     items = [i for i in data["items"] if i.get("tenant_id") == tenant]
     if not items:
         raise ApiProblem(404, f"Exception {exception_id} is not quarantined at stage {stage}.")
@@ -282,7 +270,7 @@ class PipelineStatsPublic(BaseModel):
     "consumer lag. Per worker: readiness and assigned partitions. Counts cover all tenants.",
 )
 async def pipeline_stats(settings: SettingsDep, tenant: TenantDep) -> PipelineStatsPublic:
-    data = await _worker_get(settings, "/sluice/stats", {})
+    data = await worker_get(settings, "/sluice/stats", {})
     topics = TopicNames(settings.topic_prefix)
     stages = {s: StageStatsPublic() for s in STAGES}
     workers = []

@@ -26,6 +26,21 @@ id = "shipment-stuck"
 match = {{ source = "shipping*" }}
 then = {{ severity = "medium", category = "logistics" }}
 
+[[triage.rules]]
+id = "refund-request"
+match = {{ source = "refunds" }}
+then = {{ severity = "high", category = "refunds" }}
+
+[[triage.rules]]
+id = "access-request"
+match = {{ source = "access*" }}
+then = {{ severity = "medium", category = "approvals" }}
+
+[[triage.rules]]
+id = "vendor-change"
+match = {{ source = "vendors" }}
+then = {{ severity = "medium", category = "vendors" }}
+
 [triage.default]
 severity = "low"
 category = "general"
@@ -37,6 +52,16 @@ allowed_actions = ["*"]
 id = "needs-approval"
 match = {{ category = ["approvals"] }}
 then = {{ approval_required_for = ["ticket.escalate"] }}
+
+[[policy.rules]]
+id = "refunds-need-a-human"
+match = {{ category = ["refunds"] }}
+then = {{ approval_required_for = ["*"] }}
+
+[[policy.rules]]
+id = "vendor-changes-expire"
+match = {{ category = ["vendors"] }}
+then = {{ approval_required_for = ["*"], approval_timeout_seconds = 3 }}
 
 [[playbooks]]
 id = "payments"
