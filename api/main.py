@@ -16,16 +16,17 @@ outside the body limit, so 413s count too; ``GET /metrics`` serves the Prometheu
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors
 from api.body_limit import BodyLimitMiddleware
-from api.deps import Runtime
+from api.deps import DENIAL_REASONS, ROLE_NEEDS, Runtime, route_roles
 from api.idempotency import Idempotency
 from api.producer import KafkaEventProducer
 from api.reader import WorkerReader
@@ -39,6 +40,7 @@ from app.telemetry import (
     setup_tracing,
     shutdown_tracing,
 )
+from schemas.api import Problem
 from schemas.config import ConfigError, load_api_keys
 
 log = logging.getLogger("sluice.api")
@@ -47,8 +49,18 @@ _DESCRIPTION = """
 Ingest operational exceptions and follow them through the Sluice pipeline
 (intake, triage, policy, playbook, tools).
 
-Every `/v1` request carries the tenant's API key in `X-API-Key`; it decides the tenant, and every read
-is scoped to it. Reports are accepted with **202** once Kafka has acknowledged them; errors are
+Every `/v1` request carries an API key of the tenant in `X-API-Key`; it decides the tenant, and every
+read is scoped to it. Each key has a role, and each route says which it needs (`x-sluice-role`):
+
+| role | may |
+|---|---|
+| `producer` | report exceptions (`POST /v1/exceptions`, `POST /v1/exceptions:batch`), nothing else |
+| `viewer` | read everything of its tenant |
+| `operator` | what a viewer may, and approve, reject, redrive and discard |
+| `admin` | what an operator may, and change configuration and report exceptions |
+
+A missing or unknown key answers **401**, a key whose role may not use the route **403**. Reports are
+accepted with **202** once Kafka has acknowledged them; errors are
 [RFC 9457](https://www.rfc-editor.org/rfc/rfc9457) problem documents.
 """
 
@@ -100,6 +112,7 @@ def create_api(settings: Settings | None = None) -> FastAPI:
                 "%s lists no API keys: every /v1 request will be refused with 401",
                 settings.config_dir / "api_keys.toml",
             )
+        metrics.declare_api_denials(DENIAL_REASONS)
         producer = KafkaEventProducer(settings)
         producer.start()
         reader = WorkerReader(settings)
@@ -139,11 +152,42 @@ def create_api(settings: Settings | None = None) -> FastAPI:
         schema = api.openapi_schema
         if schema is None:  # generate() caches what it returns, so this runs once
             schema = generate()
+            _document_roles(schema, api.routes)
             _problem_media_type(schema)
         return schema
 
     api.openapi = openapi  # type: ignore[method-assign]
     return api
+
+
+_ROLE_PROBLEMS = {
+    "401": "X-API-Key is missing or not a valid key.",
+    "403": "The key is valid, but its role may not use this route; the detail names the role needed.",
+}
+
+
+def _document_roles(schema: dict[str, Any], routes: Sequence[BaseRoute]) -> None:
+    """State on each operation the role its route requires: ``x-sluice-role``, a sentence in the
+    description, and the 401 and 403 answers. Read from the routes' dependencies, so the document
+    says what is enforced."""
+    problem = {"$ref": "#/components/schemas/Problem"}
+    schema.setdefault("components", {}).setdefault("schemas", {}).setdefault(
+        "Problem", Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+    )
+    for found in route_roles(routes):
+        operation = schema["paths"].get(found.path, {}).get(found.method.lower())
+        if found.role is None or operation is None:  # open, or left out of the schema
+            continue
+        operation["x-sluice-role"] = found.role
+        sentence = f"**Role:** needs an API key with {ROLE_NEEDS[found.role]}."
+        above = operation.get("description", "").strip()
+        operation["description"] = f"{above}\n\n{sentence}" if above else sentence
+        responses = operation.setdefault("responses", {})
+        for status, description in _ROLE_PROBLEMS.items():
+            responses.setdefault(
+                status,
+                {"description": description, "content": {"application/json": {"schema": problem}}},
+            )
 
 
 def _problem_media_type(schema: dict[str, Any]) -> None:

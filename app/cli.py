@@ -382,7 +382,14 @@ def _stop_all(procs: list[subprocess.Popen[bytes]], timeout: float = 30.0) -> No
 dlq_cli = typer.Typer(no_args_is_help=True, help="Dead letters: list, inspect, redrive, discard.")
 cli.add_typer(dlq_cli, name="dlq")
 ApiUrl = Annotated[str, typer.Option(envvar="SLUICE_API_URL", help="The Sluice API.")]
-ApiKey = Annotated[str, typer.Option(envvar="SLUICE_API_KEY", help="Your tenant's API key.")]
+ApiKey = Annotated[
+    str,
+    typer.Option(
+        envvar="SLUICE_API_KEY",
+        help="An API key of your tenant: a viewer key lists and shows, an operator key also "
+        "redrives and discards.",
+    ),
+]
 
 
 def _api(method: str, url: str, key: str, **kwargs: Any) -> Any:

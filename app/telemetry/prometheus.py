@@ -172,6 +172,13 @@ class Metrics:
             buckets=_PRODUCE_BUCKETS,
             registry=registry,
         )
+        self.api_denials = Counter(
+            "sluice_api_denials",
+            "Requests refused for their X-API-Key, by reason: missing_key, unknown_key, or role"
+            " (a valid key whose role may not use the route).",
+            ["reason"],
+            registry=registry,
+        )
 
     # --- worker
     def declare_stages(self, stages: Sequence[str]) -> None:
@@ -256,6 +263,15 @@ class Metrics:
     def produce_latency(self, seconds: float) -> None:
         """The API waited ``seconds`` for Kafka's acks of one request's records."""
         self.ingest_produce_seconds.observe(seconds)
+
+    def declare_api_denials(self, reasons: Sequence[str]) -> None:
+        """Create the denial series at zero, so rates and alerts work from the start."""
+        for reason in reasons:
+            self.api_denials.labels(reason)
+
+    def api_denied(self, reason: str) -> None:
+        """A request was refused for its API key (``missing_key``, ``unknown_key`` or ``role``)."""
+        self.api_denials.labels(reason).inc()
 
     # --- exposition
     def on_scrape(self, callback: Callable[[], None]) -> None:

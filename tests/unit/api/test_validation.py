@@ -291,7 +291,8 @@ async def test_openapi_lists_paths_statuses_and_security(client: httpx.AsyncClie
         "type": "apiKey",
         "in": "header",
         "name": "X-API-Key",
-        "description": "The tenant's API key; the tenant of every request is the key's tenant.",
+        "description": "An API key of the tenant: it decides the tenant of every request and, by "
+        "its role, which routes the request may use.",
     }
     create = paths["/v1/exceptions"]["post"]
     assert create["security"] == [{"ApiKey": []}]
