@@ -1,8 +1,8 @@
 """The HTTP API process: ingest and query endpoints in front of Kafka and the workers' tables.
 
 ``create_api(settings)`` builds the application; the module-level ``app`` is what ``sluice api`` serves
-(``uvicorn api.main:app``). The lifespan loads the API keys once (a configuration error stops the
-process at startup, with the error's text), starts the Kafka producer in the background (the API starts
+(``uvicorn api.main:app``). The lifespan loads the API keys (a configuration error stops the process
+at startup, with the error's text) and watches their file for changes (``api.key_reload``), starts the Kafka producer in the background (the API starts
 and answers 503 while the broker is unreachable) and opens the HTTP client to the workers; it closes them
 on shutdown. A body size limit sits in front of everything (413), and every error is a problem document.
 
@@ -15,9 +15,10 @@ outside the body limit, so 413s count too; ``GET /metrics`` serves the Prometheu
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 from fastapi import FastAPI
@@ -28,6 +29,7 @@ from api import errors
 from api.body_limit import BodyLimitMiddleware
 from api.deps import DENIAL_REASONS, ROLE_NEEDS, Runtime, route_roles
 from api.idempotency import Idempotency
+from api.key_reload import KeyFileWatcher, load_key_file
 from api.producer import KafkaEventProducer
 from api.reader import WorkerReader
 from api.routes import exceptions, health, operations
@@ -41,7 +43,7 @@ from app.telemetry import (
     shutdown_tracing,
 )
 from schemas.api import Problem
-from schemas.config import ConfigError, load_api_keys
+from schemas.config import ApiKeys, ConfigError, api_keys_path
 
 log = logging.getLogger("sluice.api")
 
@@ -102,30 +104,41 @@ def create_api(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        keys_path = api_keys_path(settings.config_dir)
         try:
-            api_keys = load_api_keys(settings.config_dir)
+            api_keys, content = load_key_file(keys_path)
         except ConfigError as exc:
             log.error("The Sluice API cannot start: %s", exc)
             raise
         if not api_keys.keys:
             log.warning(
-                "%s lists no API keys: every /v1 request will be refused with 401",
-                settings.config_dir / "api_keys.toml",
+                "%s lists no API keys: every /v1 request will be refused with 401 until it does",
+                keys_path,
             )
         metrics.declare_api_denials(DENIAL_REASONS)
         producer = KafkaEventProducer(settings)
         producer.start()
         reader = WorkerReader(settings)
-        app.state.runtime = Runtime(
+        runtime = Runtime(
             settings=settings,
             api_keys=api_keys,
             producer=producer,
             reader=reader,
             idempotency=Idempotency(settings.idempotency_key_ttl_seconds),
         )
+        app.state.runtime = runtime
+
+        def use_keys(keys: ApiKeys) -> None:
+            runtime.api_keys = keys
+
+        watcher = KeyFileWatcher(keys_path, api_keys, content, use_keys)
+        watching = asyncio.create_task(watcher.run(), name="api-keys-reload")
         try:
             yield
         finally:
+            watching.cancel()
+            with suppress(asyncio.CancelledError):
+                await watching
             app.state.runtime = None
             await reader.close()
             await producer.close()

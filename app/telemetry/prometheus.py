@@ -179,6 +179,19 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.api_keys_reloads = Counter(
+            "sluice_api_keys_reloads",
+            "Changes of api_keys.toml the API read, by result: ok (its keys are in use) or refused"
+            " (malformed, empty or missing: the keys loaded before stay in use).",
+            ["result"],
+            registry=registry,
+        )
+        self.api_keys_in_use = Gauge(
+            "sluice_api_keys",
+            "API keys the API accepts now, by role.",
+            ["role"],
+            registry=registry,
+        )
 
     # --- worker
     def declare_stages(self, stages: Sequence[str]) -> None:
@@ -272,6 +285,20 @@ class Metrics:
     def api_denied(self, reason: str) -> None:
         """A request was refused for its API key (``missing_key``, ``unknown_key`` or ``role``)."""
         self.api_denials.labels(reason).inc()
+
+    def declare_api_keys_reloads(self, results: Sequence[str]) -> None:
+        """Create the reload series at zero."""
+        for result in results:
+            self.api_keys_reloads.labels(result)
+
+    def api_keys_reloaded(self, result: str) -> None:
+        """A change of api_keys.toml was read: ``ok`` (now in use) or ``refused``."""
+        self.api_keys_reloads.labels(result).inc()
+
+    def set_api_keys(self, by_role: Mapping[str, int]) -> None:
+        """The keys in use now, counted by role (every role given, zeros included)."""
+        for role, count in by_role.items():
+            self.api_keys_in_use.labels(role).set(count)
 
     # --- exposition
     def on_scrape(self, callback: Callable[[], None]) -> None:
