@@ -1,17 +1,28 @@
-"""Dependencies of the routes, as ``Annotated`` aliases (SettingsDep, TenantDep, ProducerDep, ...).
+"""Dependencies of the routes, as ``Annotated`` aliases (SettingsDep, ViewerCaller, ProducerDep, ...).
 
 The process-wide objects (settings, API keys, producer, reader, idempotency cache) are built once by the
 lifespan in ``api.main`` and kept in a :class:`Runtime` on ``app.state``; the functions here hand them
 to the routes, and tests replace them with ``app.dependency_overrides``.
+
+Every tenant route takes one of ``IngestCaller``, ``ViewerCaller``, ``OperatorCaller`` or
+``AdminCaller``: the :class:`~schemas.config.Caller` (tenant, key name, role) of the request's
+X-API-Key, once its role allows the route. A missing or unknown key answers 401, a known key whose role
+does not allow the route 403 naming the role needed. Roles: a producer key only reports exceptions;
+viewer < operator < admin, each allowed what the one before is; an admin may also report. The OpenAPI
+document states each route's role from these dependencies (:func:`required_role`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Header, Request, Security
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute, iter_route_contexts
 from fastapi.security import APIKeyHeader
+from starlette.routing import BaseRoute
 
 from api.errors import ApiProblem
 from api.idempotency import HEADER as IDEMPOTENCY_HEADER
@@ -19,7 +30,8 @@ from api.idempotency import MAX_KEY_LENGTH, Idempotency, parse_key
 from api.producer import EventSender
 from api.reader import ExceptionReader
 from app.settings import Settings
-from schemas.config import ApiKeys
+from app.telemetry import metrics
+from schemas.config import ApiKeys, Caller, Role
 
 
 @dataclass
@@ -60,29 +72,110 @@ def get_idempotency(runtime: RuntimeDep) -> Idempotency:
 api_key_header = APIKeyHeader(
     name="X-API-Key",
     scheme_name="ApiKey",
-    description="The tenant's API key; the tenant of every request is the key's tenant.",
+    description="An API key of the tenant: it decides the tenant of every request and, by its role, "
+    "which routes the request may use.",
     auto_error=False,
 )
 
+_WWW_AUTHENTICATE = {"WWW-Authenticate": 'ApiKey header="X-API-Key"'}
+DENIAL_REASONS = ("missing_key", "unknown_key", "role")
 
-def get_tenant(
+
+def get_caller(
     runtime: RuntimeDep, api_key: Annotated[str | None, Security(api_key_header)]
-) -> str:
-    """The tenant of the request's X-API-Key, or 401."""
+) -> Caller:
+    """Who sends the request's X-API-Key (tenant, key name, role), or 401.
+
+    Denials are counted in ``sluice_api_denials_total{reason}``, not logged: a client retrying with
+    a bad key would otherwise fill the log.
+    """
     if not api_key:
+        metrics.api_denied("missing_key")
         raise ApiProblem(
             401,
-            "The X-API-Key header is missing; send your tenant's API key in it.",
-            headers={"WWW-Authenticate": 'ApiKey header="X-API-Key"'},
+            "The X-API-Key header is missing; send an API key of your tenant in it.",
+            headers=_WWW_AUTHENTICATE,
         )
-    tenant = runtime.api_keys.tenant_for(api_key)
-    if tenant is None:
+    caller = runtime.api_keys.caller_for(api_key)
+    if caller is None:
+        metrics.api_denied("unknown_key")
         raise ApiProblem(
             401,
-            "The API key in X-API-Key is not valid; check it, or ask for a new one.",
-            headers={"WWW-Authenticate": 'ApiKey header="X-API-Key"'},
+            "The API key in X-API-Key is not valid; check it, or ask an admin of your tenant for "
+            "a new one.",
+            headers=_WWW_AUTHENTICATE,
         )
-    return tenant
+    return caller
+
+
+ROLE_NEEDS = {
+    "producer": "the producer role (an admin key may use it too)",
+    "viewer": "the viewer role or one above it (operator, admin)",
+    "operator": "the operator role or the one above it (admin)",
+    "admin": "the admin role",
+}
+"""What each role requirement accepts, as a phrase; used in the 403 detail and in the OpenAPI."""
+
+_REQUIRED: dict[Callable[..., Caller], Role] = {}
+
+
+def _requires(role: Role) -> Callable[..., Caller]:
+    def require(caller: Annotated[Caller, Depends(get_caller)]) -> Caller:
+        if not caller.may(role):
+            metrics.api_denied("role")
+            only = ", which may only report exceptions" if caller.role == "producer" else ""
+            raise ApiProblem(
+                403,
+                f"This route needs a key with {ROLE_NEEDS[role]}; the key {caller.key_name!r} has "
+                f"the {caller.role} role{only}. Use a key with the {role} role, or ask an admin of "
+                f"tenant {caller.tenant_id!r} for one.",
+            )
+        return caller
+
+    require.__name__ = f"require_{role}"
+    _REQUIRED[require] = role
+    return require
+
+
+require_producer = _requires("producer")
+require_viewer = _requires("viewer")
+require_operator = _requires("operator")
+require_admin = _requires("admin")
+
+
+@dataclass(frozen=True)
+class RouteRole:
+    method: str
+    path: str
+    role: Role | None  # None: the route needs no API key
+
+
+def route_roles(routes: Sequence[BaseRoute]) -> list[RouteRole]:
+    """The role each API route's dependencies require, by method and path (included routers
+    walked the way FastAPI's own OpenAPI walks them).
+
+    The OpenAPI document is built from this, so what it says is what the routes enforce.
+    """
+    found = []
+    for context in iter_route_contexts(routes):
+        route = context.original_route
+        if not isinstance(route, APIRoute):
+            continue
+        role = _required_role(route.dependant)
+        found += [
+            RouteRole(m, str(context.path_format), role) for m in sorted(context.methods or ())
+        ]
+    return found
+
+
+def _required_role(dependant: Dependant) -> Role | None:
+    pending = list(dependant.dependencies)
+    while pending:
+        dependency = pending.pop()
+        if dependency.call in _REQUIRED:
+            return _REQUIRED[dependency.call]
+        pending += dependency.dependencies
+    return None
 
 
 def get_idempotency_key(
@@ -101,7 +194,14 @@ def get_idempotency_key(
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-TenantDep = Annotated[str, Depends(get_tenant)]
+IngestCaller = Annotated[Caller, Depends(require_producer)]
+"""A producer or admin key: reporting exceptions."""
+ViewerCaller = Annotated[Caller, Depends(require_viewer)]
+"""A viewer, operator or admin key: every read of the tenant's data."""
+OperatorCaller = Annotated[Caller, Depends(require_operator)]
+"""An operator or admin key: approve, reject, redrive, discard, quarantine actions."""
+AdminCaller = Annotated[Caller, Depends(require_admin)]
+"""An admin key: configuration changes."""
 ProducerDep = Annotated[EventSender, Depends(get_producer)]
 ReaderDep = Annotated[ExceptionReader, Depends(get_reader)]
 IdempotencyDep = Annotated[Idempotency, Depends(get_idempotency)]

@@ -1,8 +1,8 @@
 """The HTTP API process: ingest and query endpoints in front of Kafka and the workers' tables.
 
 ``create_api(settings)`` builds the application; the module-level ``app`` is what ``sluice api`` serves
-(``uvicorn api.main:app``). The lifespan loads the API keys once (a configuration error stops the
-process at startup, with the error's text), starts the Kafka producer in the background (the API starts
+(``uvicorn api.main:app``). The lifespan loads the API keys (a configuration error stops the process
+at startup, with the error's text) and watches their file for changes (``api.key_reload``), starts the Kafka producer in the background (the API starts
 and answers 503 while the broker is unreachable) and opens the HTTP client to the workers; it closes them
 on shutdown. A body size limit sits in front of everything (413), and every error is a problem document.
 
@@ -15,18 +15,21 @@ outside the body limit, so 413s count too; ``GET /metrics`` serves the Prometheu
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors
 from api.body_limit import BodyLimitMiddleware
-from api.deps import Runtime
+from api.deps import DENIAL_REASONS, ROLE_NEEDS, Runtime, route_roles
 from api.idempotency import Idempotency
+from api.key_reload import KeyFileWatcher, load_key_file
 from api.producer import KafkaEventProducer
 from api.reader import WorkerReader
 from api.routes import approvals, audit, exceptions, health, operations
@@ -39,7 +42,8 @@ from app.telemetry import (
     setup_tracing,
     shutdown_tracing,
 )
-from schemas.config import ConfigError, load_api_keys
+from schemas.api import Problem
+from schemas.config import ApiKeys, ConfigError, api_keys_path
 
 log = logging.getLogger("sluice.api")
 
@@ -47,8 +51,18 @@ _DESCRIPTION = """
 Ingest operational exceptions and follow them through the Sluice pipeline
 (intake, triage, policy, playbook, tools).
 
-Every `/v1` request carries the tenant's API key in `X-API-Key`; it decides the tenant, and every read
-is scoped to it. Reports are accepted with **202** once Kafka has acknowledged them; errors are
+Every `/v1` request carries an API key of the tenant in `X-API-Key`; it decides the tenant, and every
+read is scoped to it. Each key has a role, and each route says which it needs (`x-sluice-role`):
+
+| role | may |
+|---|---|
+| `producer` | report exceptions (`POST /v1/exceptions`, `POST /v1/exceptions:batch`), nothing else |
+| `viewer` | read everything of its tenant |
+| `operator` | what a viewer may, and approve, reject, redrive and discard |
+| `admin` | what an operator may, and change configuration and report exceptions |
+
+A missing or unknown key answers **401**, a key whose role may not use the route **403**. Reports are
+accepted with **202** once Kafka has acknowledged them; errors are
 [RFC 9457](https://www.rfc-editor.org/rfc/rfc9457) problem documents.
 """
 
@@ -90,29 +104,41 @@ def create_api(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        keys_path = api_keys_path(settings.config_dir)
         try:
-            api_keys = load_api_keys(settings.config_dir)
+            api_keys, content = load_key_file(keys_path)
         except ConfigError as exc:
             log.error("The Sluice API cannot start: %s", exc)
             raise
         if not api_keys.keys:
             log.warning(
-                "%s lists no API keys: every /v1 request will be refused with 401",
-                settings.config_dir / "api_keys.toml",
+                "%s lists no API keys: every /v1 request will be refused with 401 until it does",
+                keys_path,
             )
+        metrics.declare_api_denials(DENIAL_REASONS)
         producer = KafkaEventProducer(settings)
         producer.start()
         reader = WorkerReader(settings)
-        app.state.runtime = Runtime(
+        runtime = Runtime(
             settings=settings,
             api_keys=api_keys,
             producer=producer,
             reader=reader,
             idempotency=Idempotency(settings.idempotency_key_ttl_seconds),
         )
+        app.state.runtime = runtime
+
+        def use_keys(keys: ApiKeys) -> None:
+            runtime.api_keys = keys
+
+        watcher = KeyFileWatcher(keys_path, api_keys, content, use_keys)
+        watching = asyncio.create_task(watcher.run(), name="api-keys-reload")
         try:
             yield
         finally:
+            watching.cancel()
+            with suppress(asyncio.CancelledError):
+                await watching
             app.state.runtime = None
             await reader.close()
             await producer.close()
@@ -141,11 +167,42 @@ def create_api(settings: Settings | None = None) -> FastAPI:
         schema = api.openapi_schema
         if schema is None:  # generate() caches what it returns, so this runs once
             schema = generate()
+            _document_roles(schema, api.routes)
             _problem_media_type(schema)
         return schema
 
     api.openapi = openapi  # type: ignore[method-assign]
     return api
+
+
+_ROLE_PROBLEMS = {
+    "401": "X-API-Key is missing or not a valid key.",
+    "403": "The key is valid, but its role may not use this route; the detail names the role needed.",
+}
+
+
+def _document_roles(schema: dict[str, Any], routes: Sequence[BaseRoute]) -> None:
+    """State on each operation the role its route requires: ``x-sluice-role``, a sentence in the
+    description, and the 401 and 403 answers. Read from the routes' dependencies, so the document
+    says what is enforced."""
+    problem = {"$ref": "#/components/schemas/Problem"}
+    schema.setdefault("components", {}).setdefault("schemas", {}).setdefault(
+        "Problem", Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+    )
+    for found in route_roles(routes):
+        operation = schema["paths"].get(found.path, {}).get(found.method.lower())
+        if found.role is None or operation is None:  # open, or left out of the schema
+            continue
+        operation["x-sluice-role"] = found.role
+        sentence = f"**Role:** needs an API key with {ROLE_NEEDS[found.role]}."
+        above = operation.get("description", "").strip()
+        operation["description"] = f"{above}\n\n{sentence}" if above else sentence
+        responses = operation.setdefault("responses", {})
+        for status, description in _ROLE_PROBLEMS.items():
+            responses.setdefault(
+                status,
+                {"description": description, "content": {"application/json": {"schema": problem}}},
+            )
 
 
 def _problem_media_type(schema: dict[str, Any]) -> None:

@@ -14,7 +14,14 @@ import typer
 
 dlq_cli = typer.Typer(no_args_is_help=True, help="Dead letters: list, inspect, redrive, discard.")
 ApiUrl = Annotated[str, typer.Option(envvar="SLUICE_API_URL", help="The Sluice API.")]
-ApiKey = Annotated[str, typer.Option(envvar="SLUICE_API_KEY", help="Your tenant's API key.")]
+ApiKey = Annotated[
+    str,
+    typer.Option(
+        envvar="SLUICE_API_KEY",
+        help="An API key of your tenant: a viewer key lists and shows, an operator key also "
+        "redrives, discards, approves and rejects.",
+    ),
+]
 
 
 def _api(method: str, url: str, key: str, **kwargs: Any) -> Any:

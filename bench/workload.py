@@ -37,7 +37,7 @@ steps = [{{ id = "record", tool = "sink", action = "record" }}]
 
 def write_config(root: Path, tools_url: str | None) -> Path:
     """A config dir with one tenant whose single playbook step calls a noop tool (or a loopback
-    HTTP sink at ``tools_url``), and one API key."""
+    HTTP sink at ``tools_url``), and one API key, a producer key: the bench only reports."""
     import hashlib
 
     (root / "tenants").mkdir(parents=True, exist_ok=True)
@@ -45,7 +45,7 @@ def write_config(root: Path, tools_url: str | None) -> Path:
     (root / "tenants" / f"{TENANT}.toml").write_text(BENCH_TENANT.format(tenant=TENANT, tool=tool))
     digest = hashlib.sha256(API_KEY.encode()).hexdigest()
     (root / "api_keys.toml").write_text(
-        f'[[keys]]\ntenant_id = "{TENANT}"\nname = "bench"\nsha256 = "{digest}"\n'
+        f'[[keys]]\ntenant_id = "{TENANT}"\nname = "bench"\nrole = "producer"\nsha256 = "{digest}"\n'
     )
     return root
 

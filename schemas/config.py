@@ -1,8 +1,10 @@
 """Per-tenant configuration: triage rules, policies, playbooks, tool endpoints, API keys.
 
 Each tenant has one TOML file, ``<config_dir>/tenants/<tenant_id>.toml``; API keys live in
-``<config_dir>/api_keys.toml`` as sha256 digests (never the keys themselves). The models are frozen and
-strict (unknown keys are errors) so a typo in a rule fails loudly at load time, not silently at runtime.
+``<config_dir>/api_keys.toml`` as sha256 digests (never the keys themselves), each with its tenant, a
+name and a :data:`Role`. The models are frozen and strict (unknown keys are errors) so a typo in a rule
+fails loudly at load time, not silently at runtime; an api_keys.toml error names the entry by index and
+name.
 String values may reference environment variables as ``${NAME}``, expanded at load time.
 """
 
@@ -10,14 +12,25 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
 import os
 import re
 import tomllib
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from schemas.events import Severity
 
@@ -263,21 +276,104 @@ class TenantConfig(Strict):
         return self
 
 
+Role = Literal["producer", "viewer", "operator", "admin"]
+"""What an API key may do. A producer only reports exceptions; viewer < operator < admin each may do
+what the one before may, and more; an admin may also report."""
+
+ROLES: tuple[Role, ...] = get_args(Role)
+_RANKED: tuple[Role, ...] = ("viewer", "operator", "admin")
+
+
+def role_allows(role: Role, needed: Role) -> bool:
+    """Whether a key with ``role`` may use a route that needs ``needed``.
+
+    ``producer`` stands apart from the ranked roles: only producer and admin keys may report, and a
+    producer key may do nothing else. For the others, a role allows what the roles below it allow.
+    """
+    if needed == "producer":
+        return role in ("producer", "admin")
+    if role == "producer":
+        return False
+    return _RANKED.index(role) >= _RANKED.index(needed)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request: the tenant, the name of the key (the actor named in the event log) and
+    the key's role."""
+
+    tenant_id: str
+    key_name: str
+    role: Role
+
+    def may(self, needed: Role) -> bool:
+        return role_allows(self.role, needed)
+
+
 class ApiKey(Strict):
     tenant_id: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    name: str = ""
+    name: str = Field(
+        max_length=100,
+        description="Names the key within its tenant; events an operator causes record it.",
+    )
+    role: Role
+
+    @field_validator("name")
+    @classmethod
+    def _named(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("name must not be blank")
+        return value.strip()
 
 
 class ApiKeys(Strict):
     keys: tuple[ApiKey, ...] = ()
+    _by_digest: dict[str, ApiKey] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _unambiguous(self) -> ApiKeys:
+        # A digest listed twice could carry two roles; a name used twice would make the actor in
+        # the event log ambiguous.
+        digests: dict[str, int] = {}
+        names: dict[tuple[str, str], int] = {}
+        for i, entry in enumerate(self.keys):
+            if entry.sha256 in digests:
+                first = digests[entry.sha256]
+                raise ValueError(
+                    f"{_entry(i, entry.name)} has the same sha256 as {_entry(first, self.keys[first].name)}; "
+                    "a key may be listed once only"
+                )
+            digests[entry.sha256] = i
+            name = (entry.tenant_id, entry.name)
+            if name in names:
+                raise ValueError(
+                    f"{_entry(i, entry.name)}: tenant {entry.tenant_id!r} already has a key with this "
+                    f"name (keys[{names[name]}]); names identify keys within a tenant, make it unique"
+                )
+            names[name] = i
+        return self
+
+    def model_post_init(self, context: Any, /) -> None:
+        self._by_digest = {entry.sha256: entry for entry in self.keys}
+
+    def caller_for(self, key: str) -> Caller | None:
+        """Who sends ``key``, or None when it is not a listed key."""
+        entry = self._by_digest.get(hashlib.sha256(key.encode()).hexdigest())
+        if entry is None:
+            return None
+        return Caller(tenant_id=entry.tenant_id, key_name=entry.name, role=entry.role)
 
     def tenant_for(self, key: str) -> str | None:
-        digest = hashlib.sha256(key.encode()).hexdigest()
-        for entry in self.keys:
-            if entry.sha256 == digest:
-                return entry.tenant_id
-        return None
+        caller = self.caller_for(key)
+        return None if caller is None else caller.tenant_id
+
+
+def _entry(index: int, name: object) -> str:
+    """How a loading error names an entry of api_keys.toml: ``keys[2] ("ci producer")``."""
+    if isinstance(name, str) and name.strip():
+        return f"keys[{index}] ({json.dumps(name.strip())})"
+    return f"keys[{index}] (no name)"
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -304,13 +400,20 @@ def _expand(value: Any, where: Path) -> Any:
 
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        with path.open("rb") as fh:
-            expanded: dict[str, Any] = _expand(tomllib.load(fh), path)
-            return expanded
+        raw = path.read_bytes()
     except FileNotFoundError as exc:
         raise ConfigError(f"{path} does not exist") from exc
+    return _parse_toml(path, raw)
+
+
+def _parse_toml(path: Path, raw: bytes) -> dict[str, Any]:
+    try:
+        expanded: dict[str, Any] = _expand(tomllib.loads(raw.decode()), path)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    return expanded
 
 
 def _describe(exc: ValidationError) -> str:
@@ -340,10 +443,65 @@ def load_tenants(config_dir: Path) -> dict[str, TenantConfig]:
     return {p.stem: load_tenant(p) for p in sorted(folder.glob("*.toml"))}
 
 
+def api_keys_path(config_dir: Path) -> Path:
+    return config_dir / "api_keys.toml"
+
+
 def load_api_keys(config_dir: Path) -> ApiKeys:
-    path = config_dir / "api_keys.toml"
-    data = _read_toml(path)
+    path = api_keys_path(config_dir)
+    return _api_keys(path, _read_toml(path))
+
+
+def parse_api_keys(path: Path, raw: bytes) -> ApiKeys:
+    """The keys in ``raw``, the content of the api_keys.toml at ``path`` (named in errors)."""
+    return _api_keys(path, _parse_toml(path, raw))
+
+
+def _api_keys(path: Path, data: dict[str, Any]) -> ApiKeys:
+    # Each entry is checked on its own first, so an error names the entry by index and name.
+    entries = data.get("keys")
+    problems: list[str] = []
+    if isinstance(entries, list):
+        for index, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                problems.append(f"keys[{index}] must be a table (write it as [[keys]])")
+                continue
+            try:
+                ApiKey.model_validate(entry)
+            except ValidationError as exc:
+                label = _entry(index, entry.get("name"))
+                problems += [f"{label}: {_key_problem(err, entry)}" for err in exc.errors()]
+    if problems:
+        raise ConfigError(f"{path}: {'; '.join(problems)}")
     try:
         return ApiKeys.model_validate(data)
     except ValidationError as exc:
+        errors = exc.errors()
+        if all(err["type"] == "value_error" and not err["loc"] for err in errors):
+            # The whole-file checks (a digest or a name listed twice) say where, as sentences.
+            text = "; ".join(str(err["msg"]).removeprefix("Value error, ") for err in errors)
+            raise ConfigError(f"{path}: {text}") from exc
         raise ConfigError(f"{path}: {_describe(exc)}") from exc
+
+
+_ROLE_LIST = ", ".join(ROLES)
+
+
+def _key_problem(err: Any, entry: dict[str, Any]) -> str:
+    field = ".".join(str(p) for p in err["loc"])
+    missing = err["type"] == "missing"
+    if field == "role":
+        if missing:
+            return f"role is required (one of {_ROLE_LIST})"
+        return f"role {json.dumps(entry.get('role'))} is not one of {_ROLE_LIST}"
+    if field == "name" and missing:
+        return "name is required (it names the key in the event log; unique within its tenant)"
+    if field == "sha256" and not missing:
+        return "sha256 must be the key's sha256 digest as 64 lowercase hex digits, not the key"
+    if missing:
+        return f"{field} is required"
+    if err["type"] == "extra_forbidden":
+        return f"{field} is not a setting of a key (they are tenant_id, name, role and sha256)"
+    if err["type"] == "value_error":
+        return str(err["msg"]).removeprefix("Value error, ")
+    return f"{field}: {err['msg']}"

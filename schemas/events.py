@@ -190,10 +190,15 @@ class CompletedPayload(Frozen):
 
 
 class OperatorRequestPayload(Frozen):
-    """An operator's request to a stage about a quarantined exception (redrive or discard)."""
+    """An operator's request to a stage about a quarantined exception (redrive or discard).
+
+    ``requested_by`` is the name of the API key that asked (unique within its tenant) and ``role``
+    that key's role; events written before roles existed have ``api:<tenant>`` and no role.
+    """
 
     stage: str
     requested_by: str = Field(max_length=200)
+    role: str | None = Field(default=None, max_length=20)
     reason: str | None = Field(default=None, max_length=2000)
 
 

@@ -20,13 +20,14 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Path, Query, Response, status
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from api.deps import ProducerDep, ReaderDep, SettingsDep, TenantDep
+from api.deps import OperatorCaller, ProducerDep, ReaderDep, SettingsDep, ViewerCaller
 from api.errors import ApiProblem
 from api.producer import OutgoingRecord
 from api.reader import WorkerUnavailable, worker_get
 from api.routes.exceptions import read_record
 from app.topics import TopicNames
 from schemas.codec import encode
+from schemas.config import Caller
 from schemas.events import (
     ApprovalSubmittedPayload,
     ExceptionApprovalRefused,
@@ -99,10 +100,11 @@ class DecisionPublic(BaseModel):
 )
 async def list_approvals(
     settings: SettingsDep,
-    tenant: TenantDep,
+    caller: ViewerCaller,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> ApprovalListPublic:
+    tenant = caller.tenant_id
     params: dict[str, str | int] = {"tenant": tenant, "limit": limit}
     if cursor:
         params["cursor"] = cursor
@@ -131,13 +133,13 @@ async def approve(
     settings: SettingsDep,
     producer: ProducerDep,
     reader: ReaderDep,
-    tenant: TenantDep,
+    caller: OperatorCaller,
     exception_id: Annotated[str, Path(max_length=128)],
     body: DecisionRequest,
     response: Response,
 ) -> DecisionPublic:
     return await _decide(
-        settings, producer, reader, tenant, exception_id, body, "approve", response
+        settings, producer, reader, caller, exception_id, body, "approve", response
     )
 
 
@@ -152,26 +154,25 @@ async def reject(
     settings: SettingsDep,
     producer: ProducerDep,
     reader: ReaderDep,
-    tenant: TenantDep,
+    caller: OperatorCaller,
     exception_id: Annotated[str, Path(max_length=128)],
     body: DecisionRequest,
     response: Response,
 ) -> DecisionPublic:
-    return await _decide(settings, producer, reader, tenant, exception_id, body, "reject", response)
+    return await _decide(settings, producer, reader, caller, exception_id, body, "reject", response)
 
 
 async def _decide(
     settings: SettingsDep,
     producer: ProducerDep,
     reader: ReaderDep,
-    tenant: str,
+    caller: Caller,
     exception_id: str,
     body: DecisionRequest,
     action: Literal["approve", "reject"],
     response: Response,
-    actor: str | None = None,
-    role: str | None = None,
 ) -> DecisionPublic:
+    tenant = caller.tenant_id
     record = await _held(reader, tenant, exception_id)
     approval = record.state.approval
     if record.state.status != "awaiting_approval" or not approval or approval.get("decision"):
@@ -180,7 +181,7 @@ async def _decide(
             f"Exception {exception_id} is {record.state.status}, not awaiting approval; "
             "there is nothing to decide.",
         )
-    by = actor or f"api:{tenant}"
+    by = caller.key_name  # the actor the history and the audit trail name
     event_id = uuid.uuid4()
     submission = ExceptionApprovalSubmitted(
         event_id=event_id,
@@ -191,7 +192,11 @@ async def _decide(
         causation_id=None,
         correlation_id=event_id,
         payload=ApprovalSubmittedPayload(
-            action=action, stage=approval["stage"], requested_by=by, role=role, reason=body.reason
+            action=action,
+            stage=approval["stage"],
+            requested_by=by,
+            role=caller.role,
+            reason=body.reason,
         ),
     )
     stage_topic = TopicNames(settings.topic_prefix).input_of(approval["stage"])

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query
 from pydantic import AwareDatetime, BaseModel, Field
 
-from api.deps import SettingsDep, TenantDep
+from api.deps import SettingsDep, ViewerCaller
 from api.reader import worker_get
 
 router = APIRouter(tags=["audit"])
@@ -49,7 +49,7 @@ class AuditListPublic(BaseModel):
 )
 async def list_audit(
     settings: SettingsDep,
-    tenant: TenantDep,
+    caller: ViewerCaller,
     actor: Annotated[str | None, Query(max_length=200)] = None,
     action: Annotated[Action | None, Query()] = None,
     exception_id: Annotated[str | None, Query(max_length=128)] = None,
@@ -58,6 +58,7 @@ async def list_audit(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> AuditListPublic:
+    tenant = caller.tenant_id
     params: dict[str, str | int] = {"tenant": tenant, "limit": limit}
     for name, value in (("actor", actor), ("action", action), ("exception_id", exception_id)):
         if value:

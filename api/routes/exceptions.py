@@ -16,10 +16,11 @@ from api import ingest
 from api.deps import (
     IdempotencyDep,
     IdempotencyKeyDep,
+    IngestCaller,
     ProducerDep,
     ReaderDep,
     SettingsDep,
-    TenantDep,
+    ViewerCaller,
 )
 from api.errors import RETRY_AFTER_SECONDS, ApiProblem, describe, field_errors, unavailable
 from api.idempotency import HEADER as IDEMPOTENCY_HEADER
@@ -107,7 +108,7 @@ same key with a different body answers 422; a retry while the first request is s
 )
 async def create_exception(
     body: ExceptionCreate,
-    tenant: TenantDep,
+    caller: IngestCaller,
     settings: SettingsDep,
     producer: ProducerDep,
     reader: ReaderDep,
@@ -115,6 +116,7 @@ async def create_exception(
     idempotency_key: IdempotencyKeyDep,
     response: Response,
 ) -> ExceptionCreated:
+    tenant = caller.tenant_id
     body_hash = ingest.request_hash(body)
     if idempotency_key is None:
         claim = Claim(ingest.new_exception_id(), replay=False)
@@ -168,7 +170,7 @@ async def create_exception(
 )
 async def create_exceptions_batch(
     batch: BatchCreate,
-    tenant: TenantDep,
+    caller: IngestCaller,
     settings: SettingsDep,
     producer: ProducerDep,
     response: Response,
@@ -193,6 +195,7 @@ async def create_exceptions_batch(
             errors=[FieldError(loc=["body", "items"], field="items", msg=msg, type="too_long")],
         )
 
+    tenant = caller.tenant_id
     annotate(tenant_id=tenant)  # each record's send span carries its exception id
     results: list[BatchItemResult | None] = [None] * len(batch.items)
     queued: list[tuple[int, str]] = []
@@ -255,7 +258,7 @@ async def create_exceptions_batch(
     responses=_problems(401, 422, 503),
 )
 async def list_exceptions(
-    tenant: TenantDep,
+    caller: ViewerCaller,
     reader: ReaderDep,
     status: ExceptionStatus | None = None,
     severity: Severity | None = None,
@@ -267,7 +270,7 @@ async def list_exceptions(
 ) -> ExceptionListPublic:
     try:
         return await reader.list_exceptions(
-            tenant,
+            caller.tenant_id,
             status=status,
             severity=severity.value if severity else None,
             stage=stage.value if stage else None,
@@ -284,9 +287,9 @@ async def list_exceptions(
     responses=_problems(401, 404, 422, 503),
 )
 async def read_exception(
-    exception_id: ExceptionIdPath, tenant: TenantDep, reader: ReaderDep
+    exception_id: ExceptionIdPath, caller: ViewerCaller, reader: ReaderDep
 ) -> ExceptionPublic:
-    return (await read_record(reader, tenant, exception_id)).state
+    return (await read_record(reader, caller.tenant_id, exception_id)).state
 
 
 @router.get(
@@ -296,9 +299,9 @@ async def read_exception(
     responses=_problems(401, 404, 422, 503),
 )
 async def read_exception_events(
-    exception_id: ExceptionIdPath, tenant: TenantDep, reader: ReaderDep
+    exception_id: ExceptionIdPath, caller: ViewerCaller, reader: ReaderDep
 ) -> list[EventPublic]:
-    return (await read_record(reader, tenant, exception_id)).history
+    return (await read_record(reader, caller.tenant_id, exception_id)).history
 
 
 async def read_record(reader: ExceptionReader, tenant: str, exception_id: str) -> ExceptionRecord:

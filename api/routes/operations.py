@@ -17,13 +17,14 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Path, Query, status
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import ProducerDep, SettingsDep, TenantDep
+from api.deps import OperatorCaller, ProducerDep, SettingsDep, ViewerCaller
 from api.errors import ApiProblem
 from api.producer import OutgoingRecord
 from api.reader import worker_get
 from app.settings import Settings
 from app.topics import STAGES, TopicNames
 from schemas.codec import encode
+from schemas.config import Caller
 from schemas.events import (
     ExceptionDiscardRequested,
     ExceptionRedriveRequested,
@@ -98,13 +99,13 @@ async def _entries(
 )
 async def list_dead_letters(
     settings: SettingsDep,
-    tenant: TenantDep,
+    caller: ViewerCaller,
     stage: Annotated[StageName | None, Query()] = None,
     exception_id: Annotated[str | None, Query(max_length=128)] = None,
     error_class: Annotated[ErrorClass | None, Query()] = None,
 ) -> DeadLetterListPublic:
     items = await _entries(
-        settings, tenant, stage=stage, exception_id=exception_id, error_class=error_class
+        settings, caller.tenant_id, stage=stage, exception_id=exception_id, error_class=error_class
     )
     return DeadLetterListPublic(items=items)
 
@@ -117,10 +118,11 @@ async def list_dead_letters(
 )
 async def read_dead_letter(
     settings: SettingsDep,
-    tenant: TenantDep,
+    caller: ViewerCaller,
     stage: Annotated[StageName, Path()],
     exception_id: Annotated[str, Path(max_length=128)],
 ) -> DeadLetterPublic:
+    tenant = caller.tenant_id
     params = {"tenant": tenant, "stage": stage, "exception_id": exception_id, "raw": "1"}
     data = await worker_get(settings, "/sluice/dlq", params)
     items = [i for i in data["items"] if i.get("tenant_id") == tenant]
@@ -132,11 +134,12 @@ async def read_dead_letter(
 async def _request(
     settings: Settings,
     producer: ProducerDep,
-    tenant: str,
+    caller: Caller,
     exception_id: str,
     body: OperatorRequest,
     action: Literal["redrive", "discard"],
 ) -> OperatorRequestAccepted:
+    tenant = caller.tenant_id
     entries = await _entries(settings, tenant, exception_id=exception_id, stage=body.stage)
     if not entries:
         where = f" at stage {body.stage}" if body.stage else ""
@@ -157,8 +160,9 @@ async def _request(
         occurred_at=datetime.now(UTC),
         causation_id=None,
         correlation_id=event_id,
+        # Who asked is the key's name (unique within the tenant), never what the body claims.
         payload=OperatorRequestPayload(
-            stage=entry.stage, requested_by=f"api:{tenant}", reason=body.reason
+            stage=entry.stage, requested_by=caller.key_name, role=caller.role, reason=body.reason
         ),
     )
     # Keyed like the dead-lettered record, so the request lands in its partition, behind it.
@@ -197,12 +201,12 @@ def _unb64(data: str) -> bytes:
 async def redrive(
     settings: SettingsDep,
     producer: ProducerDep,
-    tenant: TenantDep,
+    caller: OperatorCaller,
     exception_id: Annotated[str, Path(max_length=128)],
     body: OperatorRequest | None = None,
 ) -> OperatorRequestAccepted:
     return await _request(
-        settings, producer, tenant, exception_id, body or OperatorRequest(), "redrive"
+        settings, producer, caller, exception_id, body or OperatorRequest(), "redrive"
     )
 
 
@@ -217,11 +221,11 @@ async def redrive(
 async def discard(
     settings: SettingsDep,
     producer: ProducerDep,
-    tenant: TenantDep,
+    caller: OperatorCaller,
     exception_id: Annotated[str, Path(max_length=128)],
     body: DiscardRequest,
 ) -> OperatorRequestAccepted:
-    return await _request(settings, producer, tenant, exception_id, body, "discard")
+    return await _request(settings, producer, caller, exception_id, body, "discard")
 
 
 class StageStatsPublic(BaseModel):
@@ -269,7 +273,7 @@ class PipelineStatsPublic(BaseModel):
     "dropped, retried, dead-lettered, parked, redriven, discarded; now: DLQ depth, parked events, "
     "consumer lag. Per worker: readiness and assigned partitions. Counts cover all tenants.",
 )
-async def pipeline_stats(settings: SettingsDep, tenant: TenantDep) -> PipelineStatsPublic:
+async def pipeline_stats(settings: SettingsDep, caller: ViewerCaller) -> PipelineStatsPublic:
     data = await worker_get(settings, "/sluice/stats", {})
     topics = TopicNames(settings.topic_prefix)
     stages = {s: StageStatsPublic() for s in STAGES}

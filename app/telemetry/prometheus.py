@@ -172,6 +172,26 @@ class Metrics:
             buckets=_PRODUCE_BUCKETS,
             registry=registry,
         )
+        self.api_denials = Counter(
+            "sluice_api_denials",
+            "Requests refused for their X-API-Key, by reason: missing_key, unknown_key, or role"
+            " (a valid key whose role may not use the route).",
+            ["reason"],
+            registry=registry,
+        )
+        self.api_keys_reloads = Counter(
+            "sluice_api_keys_reloads",
+            "Changes of api_keys.toml the API read, by result: ok (its keys are in use) or refused"
+            " (malformed, empty or missing: the keys loaded before stay in use).",
+            ["result"],
+            registry=registry,
+        )
+        self.api_keys_in_use = Gauge(
+            "sluice_api_keys",
+            "API keys the API accepts now, by role.",
+            ["role"],
+            registry=registry,
+        )
 
     # --- worker
     def declare_stages(self, stages: Sequence[str]) -> None:
@@ -256,6 +276,29 @@ class Metrics:
     def produce_latency(self, seconds: float) -> None:
         """The API waited ``seconds`` for Kafka's acks of one request's records."""
         self.ingest_produce_seconds.observe(seconds)
+
+    def declare_api_denials(self, reasons: Sequence[str]) -> None:
+        """Create the denial series at zero, so rates and alerts work from the start."""
+        for reason in reasons:
+            self.api_denials.labels(reason)
+
+    def api_denied(self, reason: str) -> None:
+        """A request was refused for its API key (``missing_key``, ``unknown_key`` or ``role``)."""
+        self.api_denials.labels(reason).inc()
+
+    def declare_api_keys_reloads(self, results: Sequence[str]) -> None:
+        """Create the reload series at zero."""
+        for result in results:
+            self.api_keys_reloads.labels(result)
+
+    def api_keys_reloaded(self, result: str) -> None:
+        """A change of api_keys.toml was read: ``ok`` (now in use) or ``refused``."""
+        self.api_keys_reloads.labels(result).inc()
+
+    def set_api_keys(self, by_role: Mapping[str, int]) -> None:
+        """The keys in use now, counted by role (every role given, zeros included)."""
+        for role, count in by_role.items():
+            self.api_keys_in_use.labels(role).set(count)
 
     # --- exposition
     def on_scrape(self, callback: Callable[[], None]) -> None:

@@ -34,8 +34,10 @@ PARTITIONS = 2
 
 def write_api_keys(config_dir: Path) -> Path:
     config_dir.mkdir(parents=True, exist_ok=True)
+    # Producer keys: this API only ever reports.
     entries = [
-        f'[[keys]]\ntenant_id = "{tenant}"\nsha256 = "{hashlib.sha256(key.encode()).hexdigest()}"\n'
+        f'[[keys]]\ntenant_id = "{tenant}"\nname = "{tenant} producer"\nrole = "producer"\n'
+        f'sha256 = "{hashlib.sha256(key.encode()).hexdigest()}"\n'
         for tenant, key in KEYS.items()
     ]
     (config_dir / "api_keys.toml").write_text("\n".join(entries))
@@ -283,4 +285,5 @@ def test_a_config_error_stops_the_api_at_startup_with_its_text(tmp_path: Path) -
     code = process.proc.wait(timeout=60)
     assert code != 0
     assert "The Sluice API cannot start" in process.log_tail()
-    assert "keys.0.sha256: Field required" in process.log_tail()
+    assert "keys[0] (no name): sha256 is required" in process.log_tail()
+    assert "keys[0] (no name): role is required" in process.log_tail()

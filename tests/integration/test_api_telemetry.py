@@ -67,7 +67,9 @@ async def api(
     config = tmp_path / "config"
     config.mkdir()
     digest = hashlib.sha256(API_KEY.encode()).hexdigest()
-    (config / "api_keys.toml").write_text(f'[[keys]]\ntenant_id = "acme"\nsha256 = "{digest}"\n')
+    (config / "api_keys.toml").write_text(
+        f'[[keys]]\ntenant_id = "acme"\nname = "producer"\nrole = "producer"\nsha256 = "{digest}"\n'
+    )
     port = free_port()
     process = SluiceProcess(
         ["api", "--port", str(port)],

@@ -22,9 +22,10 @@ from app.kafka_local import free_port
 from app.settings import Settings
 from app.topics import TopicNames
 from schemas.codec import encode
+from schemas.config import Role
 from schemas.events import EventBase
 from tests.support.procs import SluiceProcess
-from tests.support.tenants import KEYS, write_config
+from tests.support.tenants import KEYS, ROLE_KEYS, write_config
 
 PARTITIONS = 4
 _partitioner = DefaultPartitioner()
@@ -137,8 +138,10 @@ class Stack:
 
     # -------------------------------------------------------------------------------- clients
 
-    def headers(self, tenant: str = "acme", **extra: str) -> dict[str, str]:
-        return {"X-API-Key": KEYS[tenant], **extra}
+    def headers(self, tenant: str = "acme", role: Role = "admin", **extra: str) -> dict[str, str]:
+        """Headers with the tenant's admin key, or acme's key of another role."""
+        key = KEYS[tenant] if role == "admin" else ROLE_KEYS[role]
+        return {"X-API-Key": key, **extra}
 
     async def produce_events(self, topic: str, events: Iterable[EventBase]) -> None:
         producer = AIOKafkaProducer(

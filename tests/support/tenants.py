@@ -8,7 +8,16 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from schemas.config import Role
+
 KEYS = {"acme": "test-key-acme", "globex": "test-key-globex"}
+"""Each tenant's admin key (it may use every route), named "test"."""
+ROLE_KEYS: dict[Role, str] = {
+    "producer": "test-key-acme-producer",
+    "viewer": "test-key-acme-viewer",
+    "operator": "test-key-acme-operator",
+}
+"""Keys of acme with the other roles, each named "test <role>"."""
 
 ACME = """
 tenant_id = "acme"
@@ -122,10 +131,16 @@ def write_config(root: Path, tools_url: str) -> Path:
     (root / "tenants").mkdir(parents=True, exist_ok=True)
     (root / "tenants" / "acme.toml").write_text(ACME.format(url=tools_url))
     (root / "tenants" / "globex.toml").write_text(GLOBEX.format(url=tools_url))
-    keys = "".join(
-        f'[[keys]]\ntenant_id = "{tenant}"\nname = "test"\n'
-        f'sha256 = "{hashlib.sha256(key.encode()).hexdigest()}"\n\n'
-        for tenant, key in KEYS.items()
-    )
-    (root / "api_keys.toml").write_text(keys)
+    entries = [(tenant, "test", "admin", key) for tenant, key in KEYS.items()]
+    entries += [("acme", f"test {role}", role, key) for role, key in ROLE_KEYS.items()]
+    (root / "api_keys.toml").write_text(api_keys_toml(entries))
     return root
+
+
+def api_keys_toml(entries: list[tuple[str, str, str, str]]) -> str:
+    """api_keys.toml listing these (tenant, name, role, key) entries."""
+    return "".join(
+        f'[[keys]]\ntenant_id = "{tenant}"\nname = "{name}"\nrole = "{role}"\n'
+        f'sha256 = "{hashlib.sha256(key.encode()).hexdigest()}"\n\n'
+        for tenant, name, role, key in entries
+    )

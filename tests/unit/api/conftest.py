@@ -25,19 +25,48 @@ from api.reader import WorkerUnavailable
 from app.kafka_local import free_port
 from app.settings import Settings
 from schemas.api import ExceptionListPublic
+from schemas.config import Role
 from schemas.state import ExceptionRecord
 
 KEYS = {"acme": "acme-secret-key", "globex": "globex-secret-key"}
+"""Each tenant's admin key: it may use every route."""
+ROLE_KEYS: dict[Role, str] = {
+    "producer": "acme-producer-key",
+    "viewer": "acme-viewer-key",
+    "operator": "acme-operator-key",
+    "admin": KEYS["acme"],
+}
+"""A key of each role, all of tenant acme."""
 
 
-def write_api_keys(config_dir: Path, keys: dict[str, str] = KEYS) -> Path:
+@dataclass(frozen=True)
+class Key:
+    tenant: str
+    key: str
+    role: Role
+    name: str
+
+
+def all_keys() -> list[Key]:
+    admins = [Key(tenant, key, "admin", f"{tenant} admin") for tenant, key in KEYS.items()]
+    others = [
+        Key("acme", key, role, f"acme {role}") for role, key in ROLE_KEYS.items() if role != "admin"
+    ]
+    return admins + others
+
+
+def api_keys_toml(keys: Sequence[Key]) -> str:
+    return "".join(
+        f'[[keys]]\ntenant_id = "{k.tenant}"\nname = "{k.name}"\nrole = "{k.role}"\n'
+        f'sha256 = "{hashlib.sha256(k.key.encode()).hexdigest()}"\n\n'
+        for k in keys
+    )
+
+
+def write_api_keys(config_dir: Path, keys: Sequence[Key] | None = None) -> Path:
     config_dir.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for tenant, key in keys.items():
-        digest = hashlib.sha256(key.encode()).hexdigest()
-        lines += ["[[keys]]", f'tenant_id = "{tenant}"', f'sha256 = "{digest}"', ""]
     path = config_dir / "api_keys.toml"
-    path.write_text("\n".join(lines))
+    path.write_text(api_keys_toml(all_keys() if keys is None else keys))
     return path
 
 
@@ -97,7 +126,13 @@ async def api_client(worker_urls: list[str], config_dir: Path) -> AsyncIterator[
 
 
 def auth(tenant: str = "acme", **headers: str) -> dict[str, str]:
+    """Headers with the tenant's admin key."""
     return {"X-API-Key": KEYS[tenant], **headers}
+
+
+def as_role(role: Role, **headers: str) -> dict[str, str]:
+    """Headers with acme's key of this role."""
+    return {"X-API-Key": ROLE_KEYS[role], **headers}
 
 
 def report(**changes: object) -> dict[str, object]:

@@ -241,9 +241,11 @@ async def test_unknown_path_is_a_problem(client: httpx.AsyncClient) -> None:
 async def test_a_bad_api_keys_file_stops_startup_with_its_text(tmp_path: Path) -> None:
     config = tmp_path / "config"
     config.mkdir()
-    (config / "api_keys.toml").write_text('[[keys]]\ntenant_id = "acme"\nsha256 = "nothex"\n')
+    (config / "api_keys.toml").write_text(
+        '[[keys]]\ntenant_id = "acme"\nname = "ci"\nrole = "producer"\nsha256 = "nothex"\n'
+    )
     api = create_api(make_settings(config))
-    with pytest.raises(ConfigError, match=r"api_keys\.toml: keys\.0\.sha256"):
+    with pytest.raises(ConfigError, match=r'api_keys\.toml: keys\[0\] \("ci"\): sha256 must be'):
         async with api.router.lifespan_context(api):
             pass
 
@@ -289,7 +291,8 @@ async def test_openapi_lists_paths_statuses_and_security(client: httpx.AsyncClie
         "type": "apiKey",
         "in": "header",
         "name": "X-API-Key",
-        "description": "The tenant's API key; the tenant of every request is the key's tenant.",
+        "description": "An API key of the tenant: it decides the tenant of every request and, by "
+        "its role, which routes the request may use.",
     }
     create = paths["/v1/exceptions"]["post"]
     assert create["security"] == [{"ApiKey": []}]

@@ -4,6 +4,7 @@ fails with a message that names the file and the problem."""
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -13,11 +14,15 @@ from agents.playbook import plan
 from agents.policy import decide
 from agents.triage import triage
 from schemas.config import (
+    ROLES,
+    Caller,
     ConfigError,
+    Role,
     TenantConfig,
     load_api_keys,
     load_tenant,
     load_tenants,
+    role_allows,
 )
 from schemas.events import Decision, ExceptionPlanned, ExceptionReport, Severity
 from tests import factories
@@ -234,16 +239,116 @@ def test_demo_api_keys_map_to_their_tenants(tenants: dict[str, TenantConfig]) ->
 def test_api_keys_file_holds_digests_not_keys() -> None:
     text = (EXAMPLE / "api_keys.toml").read_text()
     assert 'sha256 = "a2fb8545' in text
-    assert '"demo-acme-key"' in text  # named in the comments only
+    assert "# demo-acme-key" in text  # named in the comments only
     assert all("demo-" not in line.split("#")[0] for line in text.splitlines())
 
 
+def test_the_example_keys_have_the_roles_the_readme_gives_them() -> None:
+    keys = load_api_keys(EXAMPLE)
+    expected = {
+        "demo-acme-key": ("acme", "admin"),
+        "demo-globex-key": ("globex", "admin"),
+        "demo-acme-producer-key": ("acme", "producer"),
+        "demo-acme-viewer-key": ("acme", "viewer"),
+        "demo-acme-operator-key": ("acme", "operator"),
+    }
+    for key, (tenant, role) in expected.items():
+        caller = keys.caller_for(key)
+        assert caller is not None, key
+        assert (caller.tenant_id, caller.role) == (tenant, role)
+        assert "local use only" in caller.key_name
+    assert len(keys.keys) == len(expected)
+
+
 def test_api_key_with_a_bad_digest_is_refused(tmp_path: Path) -> None:
-    write(tmp_path, "api_keys.toml", '[[keys]]\ntenant_id = "acme"\nsha256 = "demo-acme-key"\n')
+    write(
+        tmp_path,
+        "api_keys.toml",
+        '[[keys]]\ntenant_id = "acme"\nname = "ci"\nrole = "producer"\nsha256 = "demo-acme-key"\n',
+    )
+    with pytest.raises(ConfigError) as info:
+        load_api_keys(tmp_path)
+    assert str(info.value) == (
+        f'{tmp_path / "api_keys.toml"}: keys[0] ("ci"): sha256 must be the key\'s sha256 digest '
+        "as 64 lowercase hex digits, not the key"
+    )
+
+
+DIGEST = "0" * 64
+
+
+def key_entry(name: str | None = "ci", role: str | None = "producer", digest: str = DIGEST) -> str:
+    lines = ["[[keys]]", 'tenant_id = "acme"', f'sha256 = "{digest}"']
+    lines += [f'name = "{name}"'] if name is not None else []
+    lines += [f'role = "{role}"'] if role is not None else []
+    return "\n".join(lines) + "\n\n"
+
+
+def test_a_key_without_a_role_names_the_file_and_the_entry(tmp_path: Path) -> None:
+    text = key_entry("admin", "admin", "1" * 64) * 1 + key_entry("viewer", "viewer", "2" * 64)
+    write(tmp_path, "api_keys.toml", text + key_entry("ci producer", None))
+    with pytest.raises(ConfigError) as info:
+        load_api_keys(tmp_path)
+    assert str(info.value) == (
+        f'{tmp_path / "api_keys.toml"}: keys[2] ("ci producer"): role is required '
+        "(one of producer, viewer, operator, admin)"
+    )
+
+
+def test_an_unknown_role_is_named_with_the_roles_there_are(tmp_path: Path) -> None:
+    write(tmp_path, "api_keys.toml", key_entry(role="root"))
     with pytest.raises(
-        ConfigError, match=r"api_keys\.toml: keys\.0\.sha256: String should match pattern"
+        ConfigError, match=r'keys\[0\] \("ci"\): role "root" is not one of producer, '
     ):
         load_api_keys(tmp_path)
+
+
+@pytest.mark.parametrize("name", [None, "", "   "])
+def test_a_key_needs_a_name(tmp_path: Path, name: str | None) -> None:
+    write(tmp_path, "api_keys.toml", key_entry(name=name))
+    with pytest.raises(ConfigError, match=r"keys\[0\] \(no name\): name (is required|must not be)"):
+        load_api_keys(tmp_path)
+
+
+def test_a_name_is_unique_within_its_tenant_and_a_digest_within_the_file(tmp_path: Path) -> None:
+    write(tmp_path, "api_keys.toml", key_entry("ci", digest="1" * 64) + key_entry("ci"))
+    with pytest.raises(ConfigError, match=r"keys\[1\] \(\"ci\"\): tenant 'acme' already has a key"):
+        load_api_keys(tmp_path)
+    write(tmp_path, "api_keys.toml", key_entry("ci") + key_entry("other"))
+    with pytest.raises(
+        ConfigError, match=r'keys\[1\] \("other"\) has the same sha256 as keys\[0\]'
+    ):
+        load_api_keys(tmp_path)
+
+
+def test_the_same_name_may_be_used_by_two_tenants(tmp_path: Path) -> None:
+    other = key_entry("ci", digest="1" * 64).replace('"acme"', '"globex"')
+    write(tmp_path, "api_keys.toml", key_entry("ci") + other)
+    assert [k.tenant_id for k in load_api_keys(tmp_path).keys] == ["acme", "globex"]
+
+
+@pytest.mark.parametrize(
+    ("role", "allowed"),
+    [
+        ("producer", {"producer"}),
+        ("viewer", {"viewer"}),
+        ("operator", {"viewer", "operator"}),
+        ("admin", {"producer", "viewer", "operator", "admin"}),
+    ],
+)
+def test_what_each_role_allows(role: Role, allowed: set[str]) -> None:
+    assert {needed for needed in ROLES if role_allows(role, needed)} == allowed
+
+
+def test_a_caller_is_the_tenant_the_name_and_the_role_of_a_key(tmp_path: Path) -> None:
+    digest = hashlib.sha256(b"secret").hexdigest()
+    write(tmp_path, "api_keys.toml", key_entry("ops alice", "operator", digest))
+    keys = load_api_keys(tmp_path)
+    assert keys.caller_for("secret") == Caller(
+        tenant_id="acme", key_name="ops alice", role="operator"
+    )
+    assert keys.caller_for("secret ") is None
+    assert keys.caller_for(DIGEST) is None  # the digest itself is not a key
 
 
 # ------------------------------------------------------------------------------------------ errors
