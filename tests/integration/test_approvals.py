@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 
+from schemas.config import Role
 from schemas.events import ApprovalSubmittedPayload, ExceptionApprovalSubmitted
 from tests.integration.conftest import StackFactory
 from tests.integration.test_pipeline import get, keys_of, post
@@ -27,13 +28,18 @@ VENDOR = {"source": "vendors", "error_type": "BankChange", "message": "New IBAN 
 
 
 async def decide(
-    stack: Stack, exception_id: str, action: str, reason: str, tenant: str = "acme"
+    stack: Stack,
+    exception_id: str,
+    action: str,
+    reason: str,
+    tenant: str = "acme",
+    role: Role = "admin",
 ) -> Any:
     async with httpx.AsyncClient(base_url=stack.api_url, timeout=60) as client:
         return await client.post(
             f"/v1/exceptions/{exception_id}/{action}",
             json={"reason": reason},
-            headers=stack.headers(tenant),
+            headers=stack.headers(tenant, role=role),
         )
 
 
@@ -208,3 +214,55 @@ async def test_a_worker_killed_right_after_an_approval_is_accepted_runs_the_plan
     events = await events_of(stack, exception_id)
     assert [e["event_type"] for e in events].count("ExceptionApproved") == 1
     assert (await decide(stack, exception_id, "approve", "again")).status_code == 409
+
+
+async def test_the_audit_trail_names_who_did_what_and_why_and_roles_apply(
+    stack_factory: StackFactory, mock_server: MockHTTPServer
+) -> None:
+    stack = await stack_factory()
+    approved_id = await held(stack, REFUND)
+    rejected_id = await held(stack, ACCESS)
+
+    # a viewer sees what waits, but may not decide; a producer may not even look
+    viewer_list = await get_as(stack, "/v1/approvals", "viewer")
+    assert viewer_list.status_code == 200
+    assert {a["exception_id"] for a in viewer_list.json()["items"]} == {approved_id, rejected_id}
+    denied = await decide(stack, approved_id, "approve", "I am only a viewer", role="viewer")
+    assert denied.status_code == 403 and "operator" in denied.json()["detail"]
+    assert (await get_as(stack, "/v1/approvals", "producer")).status_code == 403
+
+    ok = await decide(stack, approved_id, "approve", "refund is fine", role="operator")
+    assert ok.status_code == 200, ok.text
+    no = await decide(stack, rejected_id, "reject", "not for contractors", role="operator")
+    assert no.status_code == 200, no.text
+    late = await decide(stack, rejected_id, "approve", "second thoughts")
+    assert late.status_code == 409
+
+    trail = await get_as(stack, "/v1/audit", "viewer")
+    assert trail.status_code == 200, trail.text
+    items = trail.json()["items"]
+    got = [(i["exception_id"], i["action"], i["actor"], i["role"], i["reason"]) for i in items]
+    assert got == [  # newest first; the 409 was refused by the API before anything was written
+        (rejected_id, "reject", "test operator", "operator", "not for contractors"),
+        (approved_id, "approve", "test operator", "operator", "refund is fine"),
+    ]
+    assert [i["outcome"] for i in items] == ["rejected", "approved"]
+    only_rejects = await get_as(stack, "/v1/audit", "viewer", action="reject")
+    assert [i["exception_id"] for i in only_rejects.json()["items"]] == [rejected_id]
+    page = await get_as(stack, "/v1/audit", "viewer", limit="1")
+    assert [i["exception_id"] for i in page.json()["items"]] == [rejected_id]
+    rest = await get_as(stack, "/v1/audit", "viewer", cursor=page.json()["next_cursor"])
+    assert [i["exception_id"] for i in rest.json()["items"]] == [approved_id]
+    later = items[0]["at"]
+    since = await get_as(stack, "/v1/audit", "viewer", since=later)
+    assert [i["exception_id"] for i in since.json()["items"]] == [rejected_id]
+    # the trail and the history tell the same story
+    events = await events_of(stack, rejected_id)
+    [rejected] = [e for e in events if e["event_type"] == "ExceptionRejected"]
+    assert str(rejected["event_id"]) == items[0]["event_id"]
+    assert rejected["payload"]["decided_by"] == "test operator"
+
+
+async def get_as(stack: Stack, path: str, role: Role, **params: str) -> Any:
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as client:
+        return await client.get(path, headers=stack.headers(role=role), params=params)
