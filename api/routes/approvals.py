@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Response, status
@@ -22,11 +21,10 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from api.deps import OperatorCaller, ProducerDep, ReaderDep, SettingsDep, ViewerCaller
 from api.errors import ApiProblem
-from api.producer import OutgoingRecord
 from api.reader import WorkerUnavailable, worker_get
 from api.routes.exceptions import read_record
+from api.routes.operations import operator_event, send_operator_event
 from app.topics import TopicNames
-from schemas.codec import encode
 from schemas.config import Caller
 from schemas.events import (
     ApprovalSubmittedPayload,
@@ -182,36 +180,17 @@ async def _decide(
             "there is nothing to decide.",
         )
     by = caller.key_name  # the actor the history and the audit trail name
-    event_id = uuid.uuid4()
-    submission = ExceptionApprovalSubmitted(
-        event_id=event_id,
-        tenant_id=tenant,
-        exception_id=exception_id,
-        sequence=1,
-        occurred_at=datetime.now(UTC),
-        causation_id=None,
-        correlation_id=event_id,
-        payload=ApprovalSubmittedPayload(
-            action=action,
-            stage=approval["stage"],
-            requested_by=by,
-            role=caller.role,
-            reason=body.reason,
-        ),
+    payload = ApprovalSubmittedPayload(
+        action=action,
+        stage=approval["stage"],
+        requested_by=by,
+        role=caller.role,
+        reason=body.reason,
     )
-    stage_topic = TopicNames(settings.topic_prefix).input_of(approval["stage"])
-    record_out = OutgoingRecord(
-        topic=stage_topic,
-        key=exception_id.encode(),
-        value=encode(submission),
-        headers=[
-            ("ce_type", submission.event_type.encode()),
-            ("content-type", b"application/json"),
-        ],
-    )
-    (failure,) = await producer.send_many([record_out])
-    if failure is not None:
-        raise ApiProblem(failure.status, failure.detail, headers={"Retry-After": "5"})
+    submission = operator_event(ExceptionApprovalSubmitted, tenant, exception_id, payload)
+    event_id = submission.event_id
+    topic = TopicNames(settings.topic_prefix).input_of(approval["stage"])
+    await send_operator_event(producer, topic, exception_id.encode(), submission)
     outcome, latest = await _answer(reader, tenant, exception_id, event_id)
     if outcome == "refused":
         raise ApiProblem(

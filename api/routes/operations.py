@@ -12,22 +12,25 @@ from __future__ import annotations
 import base64
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Path, Query, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import OperatorCaller, ProducerDep, SettingsDep, ViewerCaller
 from api.errors import ApiProblem
-from api.producer import OutgoingRecord
+from api.producer import EventSender, OutgoingRecord
 from api.reader import worker_get
 from app.settings import Settings
 from app.topics import STAGES, TopicNames
 from schemas.codec import encode
 from schemas.config import Caller
 from schemas.events import (
+    Event,
+    EventBase,
     ExceptionDiscardRequested,
     ExceptionRedriveRequested,
+    Frozen,
     OperatorRequestPayload,
 )
 
@@ -131,6 +134,39 @@ async def read_dead_letter(
     return DeadLetterPublic.model_validate(items[0])
 
 
+E = TypeVar("E", bound=EventBase)
+
+
+def operator_event(cls: type[E], tenant: str, exception_id: str, payload: Frozen) -> E:
+    """An operator's request event: the first of a chain of its own (new id and correlation)."""
+    event_id = uuid.uuid4()
+    return cls.model_validate(
+        {
+            "event_id": event_id,
+            "tenant_id": tenant,
+            "exception_id": exception_id,
+            "sequence": 1,
+            "occurred_at": datetime.now(UTC),
+            "causation_id": None,
+            "correlation_id": event_id,
+            "payload": payload,
+        }
+    )
+
+
+async def send_operator_event(producer: EventSender, topic: str, key: bytes, event: Event) -> None:
+    """Write ``event`` to ``topic`` once Kafka acknowledged it (503 with Retry-After if not)."""
+    record = OutgoingRecord(
+        topic=topic,
+        key=key,
+        value=encode(event),
+        headers=[("ce_type", event.event_type.encode()), ("content-type", b"application/json")],
+    )
+    (failure,) = await producer.send_many([record])
+    if failure is not None:
+        raise ApiProblem(failure.status, failure.detail, headers={"Retry-After": "5"})
+
+
 async def _request(
     settings: Settings,
     producer: ProducerDep,
@@ -150,32 +186,20 @@ async def _request(
             409, f"Exception {exception_id} is quarantined at several stages ({stages}); name one."
         )
     entry = entries[0]
-    event_id = uuid.uuid4()
-    cls = ExceptionRedriveRequested if action == "redrive" else ExceptionDiscardRequested
-    event = cls(
-        event_id=event_id,
-        tenant_id=tenant,
-        exception_id=exception_id,
-        sequence=1,
-        occurred_at=datetime.now(UTC),
-        causation_id=None,
-        correlation_id=event_id,
-        # Who asked is the key's name (unique within the tenant), never what the body claims.
-        payload=OperatorRequestPayload(
-            stage=entry.stage, requested_by=caller.key_name, role=caller.role, reason=body.reason
-        ),
+    # Who asked is the key's name (unique within the tenant), never what the body claims.
+    payload = OperatorRequestPayload(
+        stage=entry.stage, requested_by=caller.key_name, role=caller.role, reason=body.reason
+    )
+    event: ExceptionRedriveRequested | ExceptionDiscardRequested = (
+        operator_event(ExceptionRedriveRequested, tenant, exception_id, payload)
+        if action == "redrive"
+        else operator_event(ExceptionDiscardRequested, tenant, exception_id, payload)
     )
     # Keyed like the dead-lettered record, so the request lands in its partition, behind it.
     key = entry.head.get("key")
-    record = OutgoingRecord(
-        topic=TopicNames(settings.topic_prefix).input_of(entry.stage),
-        key=_unb64(key) if key else exception_id.encode(),
-        value=encode(event),
-        headers=[("ce_type", event.event_type.encode()), ("content-type", b"application/json")],
-    )
-    (failure,) = await producer.send_many([record])
-    if failure is not None:
-        raise ApiProblem(failure.status, failure.detail, headers={"Retry-After": "5"})
+    topic = TopicNames(settings.topic_prefix).input_of(entry.stage)
+    await send_operator_event(producer, topic, _unb64(key) if key else exception_id.encode(), event)
+    event_id = event.event_id
     return OperatorRequestAccepted(
         request_event_id=event_id,
         exception_id=exception_id,

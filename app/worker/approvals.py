@@ -10,18 +10,16 @@ stage's input, where it is ordered with the operators' decisions and whichever c
 
 from __future__ import annotations
 
-import base64
 import logging
 import time
 from collections.abc import Iterable
 from typing import Any
 
-import orjson
-
 from agents.approval import Held, Hold, expiry
 from app.stores import BytesMapping, stored
 from app.topics import TopicNames
 from app.worker.items import Outgoing
+from app.worker.paging import decode_cursor
 from app.worker.ports import Clock, Producer
 from app.worker.registry import stage
 from schemas.codec import encode
@@ -115,15 +113,6 @@ def listing_key(entry: dict[str, Any]) -> tuple[str, str]:
     return (entry["requested_at"], entry["exception_id"])
 
 
-def encode_cursor(key: tuple[str, str]) -> str:
-    return base64.urlsafe_b64encode(orjson.dumps(list(key))).decode()
-
-
-def decode_cursor(cursor: str) -> tuple[str, str]:
-    first, second = orjson.loads(base64.urlsafe_b64decode(cursor.encode()))
-    return (str(first), str(second))
-
-
 def entry(hold: Hold) -> dict[str, Any]:
     """A pending approval as GET /v1/approvals shows it."""
     requested = hold.requested.model_dump(mode="json")
@@ -142,10 +131,10 @@ def entry(hold: Hold) -> dict[str, Any]:
     }
 
 
-def local_page(
-    approvals: Approvals, tenant: str | None, after: tuple[str, str] | None, limit: int
-) -> list[dict[str, Any]]:
-    """This worker's pending approvals of ``tenant``, oldest first, after the cursor."""
+def local_page(approvals: Approvals, query: dict[str, str], limit: int) -> list[dict[str, Any]]:
+    """This worker's pending approvals of the query's tenant, oldest first, after the cursor."""
+    tenant = query.get("tenant")
+    after = decode_cursor(query["cursor"]) if query.get("cursor") else None
     items = [entry(h) for h in approvals.pending() if h.tenant_id == tenant]
     items = [i for i in items if after is None or listing_key(i) > after]
     items.sort(key=listing_key)

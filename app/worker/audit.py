@@ -8,12 +8,12 @@ actor, action and time, gathered from every worker like the other lists.
 
 from __future__ import annotations
 
-import base64
 from datetime import datetime
 from typing import Any
 
 import orjson
 
+from app.worker.paging import decode_cursor
 from schemas.events import (
     Event,
     ExceptionApprovalRefused,
@@ -69,15 +69,6 @@ def audit_entry(event: Event) -> dict[str, Any] | None:
 
 def listing_key(entry: dict[str, Any]) -> tuple[str, str]:
     return (entry["at"], entry["event_id"])
-
-
-def encode_cursor(key: tuple[str, str]) -> str:
-    return base64.urlsafe_b64encode(orjson.dumps(list(key))).decode()
-
-
-def decode_cursor(cursor: str) -> tuple[str, str]:
-    first, second = orjson.loads(base64.urlsafe_b64decode(cursor.encode()))
-    return (str(first), str(second))
 
 
 def local_page(table: Any, query: dict[str, str], limit: int) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ the query string and is trusted, because the API authenticated it.
 from __future__ import annotations
 
 import asyncio
-import base64
+from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
@@ -23,8 +23,9 @@ from app.admin import broker_problem
 from app.rocks import cache_usage, table_memory
 from app.telemetry import render_metrics, shutdown_tracing
 from app.worker import approvals as held
-from app.worker import audit
+from app.worker import audit, paging
 from app.worker.approvals import Approvals
+from app.worker.paging import Key, decode_cursor
 from schemas.state import ExceptionRecord
 
 if TYPE_CHECKING:
@@ -52,17 +53,8 @@ def _not_ready(view: View) -> Response:
     )
 
 
-def _cursor_key(state: dict[str, Any]) -> tuple[str, str]:
+def _cursor_key(state: dict[str, Any]) -> Key:
     return (state["received_at"], state["exception_id"])
-
-
-def encode_cursor(key: tuple[str, str]) -> str:
-    return base64.urlsafe_b64encode(orjson.dumps(list(key))).decode()
-
-
-def decode_cursor(cursor: str) -> tuple[str, str]:
-    received_at, exception_id = orjson.loads(base64.urlsafe_b64decode(cursor.encode()))
-    return (str(received_at), str(exception_id))
 
 
 def local_page(table: Any, query: dict[str, str], limit: int) -> list[dict[str, Any]]:
@@ -163,33 +155,6 @@ def register_views(worker: Worker) -> None:
                 return _not_found(self, exception_id)  # another tenant's exception does not exist
             return self.bytes(raw, content_type="application/json")
 
-    @app.page("/sluice/exceptions")
-    class ExceptionListView(View):
-        async def get(self, request: Request) -> Response:
-            query = dict(request.query)
-            try:
-                limit = max(1, min(MAX_LIMIT, int(query.get("limit", "50"))))
-                if query.get("cursor"):
-                    decode_cursor(query["cursor"])
-            except (ValueError, TypeError):
-                return self.json(
-                    {"detail": "limit must be an integer and cursor opaque"}, status=400
-                )
-            if not ready():
-                return _not_ready(self)
-            if query.get("local") == "1":
-                # A gathering worker asks for one more than its page, to know whether more remain.
-                wanted = max(1, min(MAX_LIMIT + 1, int(query.get("limit", "50"))))
-                return self.json({"items": local_page(tables.exceptions, query, wanted)})
-            items = local_page(tables.exceptions, query, limit + 1)
-            for page in await scatter("/sluice/exceptions", {**query, "limit": str(limit + 1)}):
-                items.extend(page["items"])
-            items.sort(key=_cursor_key, reverse=True)
-            more = len(items) > limit
-            items = items[:limit]
-            next_cursor = encode_cursor(_cursor_key(items[-1])) if more and items else None
-            return self.json({"items": items, "next_cursor": next_cursor})
-
     @app.page("/sluice/ready")
     class ReadyView(View):
         """Ready when the broker answers, partitions are assigned and tables are recovered."""
@@ -212,72 +177,65 @@ def register_views(worker: Worker) -> None:
             if query.get("local") == "1":
                 return self.json({"items": local_dlq(tables.quarantine, query)})
             items = local_dlq(tables.quarantine, query)
-            for page in await scatter("/sluice/dlq", query):
-                items.extend(page["items"])
+            for part in await scatter("/sluice/dlq", query):
+                items.extend(part["items"])
             items.sort(key=lambda e: (e["since"] or "", e["exception_id"]))
             return self.json({"items": items})
 
+    def paged(
+        path: str,
+        key: Callable[[dict[str, Any]], Key],
+        newest_first: bool,
+        local: Callable[[dict[str, str], int], list[dict[str, Any]]],
+    ) -> None:
+        """A list gathered from every worker (``?local=1``: this worker's part only)."""
+
+        @app.page(path)
+        class PagedView(View):
+            async def get(self, request: Request) -> Response:
+                query = dict(request.query)
+                try:
+                    limit = max(1, min(MAX_LIMIT, int(query.get("limit", "50"))))
+                    if query.get("cursor"):
+                        decode_cursor(query["cursor"])
+                    for bound in ("since", "until"):
+                        if query.get(bound):
+                            datetime.fromisoformat(query[bound])
+                except (ValueError, TypeError):
+                    return self.json(
+                        {"detail": "limit must be an integer, cursor opaque, times ISO 8601"},
+                        status=400,
+                    )
+                if not ready():
+                    return _not_ready(self)
+                if query.get("local") == "1":
+                    # The gathering worker asks for one more than its page, to know if more remain.
+                    wanted = max(1, min(MAX_LIMIT + 1, int(query.get("limit", "50"))))
+                    return self.json({"items": local(query, wanted)})
+                items = local(query, limit + 1)
+                for part in await scatter(path, {**query, "limit": str(limit + 1)}):
+                    items.extend(part["items"])
+                return self.json(paging.page(items, key, limit, newest_first))
+
     approvals = Approvals(tables.approvals)
-
-    @app.page("/sluice/approvals")
-    class ApprovalListView(View):
-        """Pending approvals of a tenant, oldest first (the small ``approvals`` table only)."""
-
-        async def get(self, request: Request) -> Response:
-            query = dict(request.query)
-            try:
-                limit = max(1, min(MAX_LIMIT + 1, int(query.get("limit", "50"))))
-                after = held.decode_cursor(query["cursor"]) if query.get("cursor") else None
-            except (ValueError, TypeError):
-                return self.json(
-                    {"detail": "limit must be an integer and cursor opaque"}, status=400
-                )
-            if not ready():
-                return _not_ready(self)
-            items = held.local_page(approvals, query.get("tenant"), after, limit + 1)
-            if query.get("local") == "1":
-                return self.json({"items": items})
-            for page in await scatter("/sluice/approvals", {**query, "limit": str(limit + 1)}):
-                items.extend(page["items"])
-            items.sort(key=held.listing_key)
-            more = len(items) > limit
-            items = items[:limit]
-            next_cursor = (
-                held.encode_cursor(held.listing_key(items[-1])) if more and items else None
-            )
-            return self.json({"items": items, "next_cursor": next_cursor})
-
-    @app.page("/sluice/audit")
-    class AuditView(View):
-        """Operator actions of a tenant, newest first, filtered (app.worker.audit)."""
-
-        async def get(self, request: Request) -> Response:
-            query = dict(request.query)
-            try:
-                limit = max(1, min(MAX_LIMIT + 1, int(query.get("limit", "50"))))
-                if query.get("cursor"):
-                    audit.decode_cursor(query["cursor"])
-                for bound in ("since", "until"):
-                    if query.get(bound):
-                        datetime.fromisoformat(query[bound])
-            except (ValueError, TypeError):
-                return self.json(
-                    {"detail": "limit must be an integer and cursor opaque"}, status=400
-                )
-            if not ready():
-                return _not_ready(self)
-            items = audit.local_page(tables.audit, query, limit + 1)
-            if query.get("local") == "1":
-                return self.json({"items": items})
-            for page in await scatter("/sluice/audit", {**query, "limit": str(limit + 1)}):
-                items.extend(page["items"])
-            items.sort(key=audit.listing_key, reverse=True)
-            more = len(items) > limit
-            items = items[:limit]
-            next_cursor = (
-                audit.encode_cursor(audit.listing_key(items[-1])) if more and items else None
-            )
-            return self.json({"items": items, "next_cursor": next_cursor})
+    paged(
+        "/sluice/exceptions",
+        _cursor_key,
+        True,
+        lambda query, limit: local_page(tables.exceptions, query, limit),
+    )
+    paged(
+        "/sluice/approvals",
+        held.listing_key,
+        False,
+        lambda query, limit: held.local_page(approvals, query, limit),
+    )
+    paged(
+        "/sluice/audit",
+        audit.listing_key,
+        True,
+        lambda query, limit: audit.local_page(tables.audit, query, limit),
+    )
 
     def partition_lags() -> dict[Any, int]:
         """Records not yet committed, per assigned topic-partition of this worker."""
