@@ -15,18 +15,17 @@ from typing import Any, Generic, TypeVar
 from schemas.events import (
     EventBase,
     ExceptionAccepted,
+    ExceptionApprovalExpired,
+    ExceptionApprovalRefused,
     ExceptionApprovalRequested,
     ExceptionApprovalSubmitted,
     ExceptionApproved,
     ExceptionCompleted,
-    ExceptionDeadLettered,
     ExceptionDecided,
     ExceptionDiscardRequested,
     ExceptionFingerprinted,
     ExceptionIngested,
-    ExceptionParked,
     ExceptionPlanned,
-    ExceptionQuarantineLifted,
     ExceptionRedriveRequested,
     ExceptionRejected,
     ExceptionTriaged,
@@ -89,6 +88,14 @@ TRIAGE = Stage(
 POLICY = Stage(
     "policy", ("triaged",), ("decided",), ExceptionTriaged, (ExceptionDecided,), "apply_policy"
 )
+# What a stage that holds exceptions for approval writes about them (agents/approval.py).
+APPROVAL_NOTES: tuple[type[EventBase], ...] = (
+    ExceptionApprovalRequested,
+    ExceptionApproved,
+    ExceptionRejected,
+    ExceptionApprovalExpired,
+    ExceptionApprovalRefused,
+)
 # The two stages that can hold an exception for approval (agents/approval.py) also write the
 # approval notes (requested, approved, rejected, expired, refused) to the operations topic.
 PLAYBOOK = Stage(
@@ -96,7 +103,7 @@ PLAYBOOK = Stage(
     ("decided",),
     ("planned", OPERATIONS),
     ExceptionDecided,
-    (ExceptionPlanned, ExceptionApprovalRequested, ExceptionApproved, ExceptionRejected),
+    (ExceptionPlanned, *APPROVAL_NOTES),
     "choose_playbook",
 )
 TOOL = Stage(
@@ -104,7 +111,7 @@ TOOL = Stage(
     ("planned",),
     ("completed", OPERATIONS),
     ExceptionPlanned,
-    (ExceptionCompleted, ExceptionApprovalRequested, ExceptionApproved, ExceptionRejected),
+    (ExceptionCompleted, *APPROVAL_NOTES),
     "execute_tools",
 )
 # The projection folds every event of an exception's history into its record. Its requests come on
@@ -125,22 +132,11 @@ STAGES: tuple[Stage[Any], ...] = (INTAKE, GROUP, TRIAGE, POLICY, PLAYBOOK, TOOL,
 BY_NAME: dict[str, Stage[Any]] = {stage.name: stage for stage in STAGES}
 STAGE_NAMES: tuple[str, ...] = tuple(BY_NAME)
 
-# What the stages write about an event rather than for the next stage (all on OPERATIONS), and
-# what operators send to a stage's request topic.
-NOTES: tuple[type[EventBase], ...] = (
-    ExceptionDeadLettered,
-    ExceptionParked,
-    ExceptionQuarantineLifted,
-    ExceptionApprovalRequested,
-    ExceptionApproved,
-    ExceptionRejected,
-)
+# What operators send to a stage's request topic.
 REQUESTS = (ExceptionRedriveRequested, ExceptionDiscardRequested)
 # Events addressed to one stage by ``payload.stage``: the others that read the topic pass them by
 # (the projection folds them into the history).
 ADDRESSED = (*REQUESTS, ExceptionApprovalSubmitted)
-# Where a decision about a held exception goes: the stages that can hold one.
-HOLDERS = ("playbook", "tool")
 
 
 def stage(name: str) -> Stage[Any]:
