@@ -10,9 +10,9 @@ from typing import Any
 
 from bench.context import BenchContext, Options
 from bench.kafka import (
+    GroupLag,
     Watcher,
     ensure,
-    group_lag,
     new_producer,
     produce,
     read_stamps,
@@ -306,20 +306,5 @@ async def wait_caught_up(ctx: BenchContext, within: float) -> float | None:
     """The ``perf_counter`` time at which the workers' group had committed every record of its
     input topics (the projection and every agent idle), or None if not within ``within`` s.
     Offsets are committed every few seconds, so it is late by up to that much."""
-    from aiokafka import AIOKafkaConsumer
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=ctx.bootstrap)
-    consumer = AIOKafkaConsumer(bootstrap_servers=ctx.bootstrap, enable_auto_commit=False)
-    await admin.start()
-    await consumer.start()
-    try:
-        deadline = time.perf_counter() + within
-        while time.perf_counter() < deadline:
-            if await group_lag(admin, consumer, ctx.app_id, ctx.partitions) == 0:
-                return time.perf_counter()
-            await asyncio.sleep(0.5)
-        return None
-    finally:
-        await consumer.stop()
-        await admin.close()
+    async with GroupLag(ctx.bootstrap, ctx.app_id, ctx.partitions) as group:
+        return await group.caught_up(within)
