@@ -1,5 +1,6 @@
 """Phases b and c, on real Sluice workers: the startup probe and warm-up, throughput flat out (b),
-latency at a fixed rate (c), the optional profiled pass, then phase f (:mod:`bench.memory`)."""
+latency at a fixed rate (c), the optional profiled pass, then phases f (:mod:`bench.memory`) and g
+(:mod:`bench.approvals`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from bench.approvals import run_approvals
 from bench.context import BenchContext, Options
 from bench.kafka import (
     GroupLag,
@@ -62,7 +64,7 @@ async def run_pipeline_phases(
 async def _measure_pipeline(
     ctx: BenchContext, opts: Options, topics: Any, phases: dict[str, Any], notes: list[str]
 ) -> None:
-    """Probe, warm-up, then phases b, c, the profiled pass and f, once every worker is ready."""
+    """Probe, warm-up, then phases b, c, the profiled pass, f and g, once every worker is ready."""
     workers = ctx.workers
     startup = phases["startup"]
     watcher = Watcher(ctx.bootstrap, topics.completed, ctx.partitions)
@@ -177,6 +179,14 @@ async def _measure_pipeline(
         if opts.memory:
             # run_memory fills phases["memory"] as it goes: a run stopped early keeps its checkpoints
             await run_memory(ctx, opts, producer, watcher, topics, phases)
+
+        # (g) approvals
+        if opts.approvals:
+            completed = sum(watcher.counts.values())
+            # its synthetic completions are for the projection only: the watcher would keep every
+            # id of a million in memory, and take CPU from the workers, to count them
+            await watcher.stop()
+            await run_approvals(ctx, opts, producer, topics, phases, notes, completed)
     finally:
         await producer.stop()
         await watcher.stop()
