@@ -24,6 +24,10 @@ c. **latency** at a fixed rate (default half of b): per exception, the time from
    the worker is sampled and its CPU split by stage and by activity.
 f. **memory** (``--memory``): worker RSS and the size of its table folder at checkpoints of
    distinct exceptions pushed through.
+g. **approvals** (``--approvals``): ``--approvals-held`` exceptions held for approval through the
+   pipeline, then the ``exceptions`` table grown to each of ``--approvals-checkpoints`` by synthetic
+   completions sent to the projection alone; at each, the list of pending approvals timed on a
+   worker and on the API (p50/p95/max of ``--approvals-requests`` requests).
 d. **API ingest**: a ``sluice api`` subprocess under a bounded load generator (fixed concurrency,
    fixed count) on loopback, for ``POST /v1/exceptions`` and ``POST /v1/exceptions:batch``.
 
@@ -32,9 +36,10 @@ Every process started here (broker, worker, API, relays, chain, py-spy) is stopp
 included.
 
 This module is the command and the order of the phases. The phases are in :mod:`bench.relay` (a,
-a2), :mod:`bench.pipeline` (b, c), :mod:`bench.memory` (f) and :mod:`bench.ingest` (d); the JSON
-document in :mod:`bench.results`, the table in :mod:`bench.report`. Their pure helpers
-(percentiles, /proc parsing, profile attribution, targets, table) are unit tested.
+a2), :mod:`bench.pipeline` (b, c), :mod:`bench.memory` (f), :mod:`bench.approvals` (g) and
+:mod:`bench.ingest` (d); the JSON document in :mod:`bench.results`, the table in
+:mod:`bench.report`. Their pure helpers (percentiles, /proc parsing, profile attribution, targets,
+table) are unit tested.
 """
 
 from __future__ import annotations
@@ -212,6 +217,22 @@ def bench(
     memory_checkpoints: Annotated[
         str, typer.Option(help="Distinct exceptions at which --memory samples (100k, 1M ok).")
     ] = "100k,250k,500k,1M",
+    approvals: Annotated[
+        bool,
+        typer.Option(
+            help="Time the list of pending approvals as the exceptions table grows (phase g)."
+        ),
+    ] = False,
+    approvals_held: Annotated[
+        int, typer.Option(min=1, help="Exceptions --approvals holds through the pipeline.")
+    ] = 200,
+    approvals_checkpoints: Annotated[
+        str,
+        typer.Option(help="Stored exceptions at which --approvals times the list (1k, 1M ok)."),
+    ] = "1k,1M",
+    approvals_requests: Annotated[
+        int, typer.Option(min=1, help="Timed list requests per checkpoint, worker and API each.")
+    ] = 50,
     tools: Annotated[
         str, typer.Option(help="'noop' tools, or 'http': a webhook to a loopback HTTP sink.")
     ] = "noop",
@@ -255,7 +276,7 @@ def bench(
     ] = 1,
 ) -> None:
     """Benchmark Sluice on a real broker: raw relay limit, pipeline throughput and latency, memory,
-    API ingest. Progress on stderr, a table on stdout, JSON in results/."""
+    the approvals list, API ingest. Progress on stderr, a table on stdout, JSON in results/."""
     if tools not in ("noop", "http"):
         raise typer.BadParameter("--tools is 'noop' or 'http'")
     if raw_mode not in ("tasks", "procs"):
@@ -264,6 +285,10 @@ def bench(
         checkpoints = parse_checkpoints(memory_checkpoints)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
+    try:
+        held_checkpoints = parse_checkpoints(approvals_checkpoints)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--approvals-checkpoints") from exc
     spy = (py_spy or shutil.which("py-spy")) if profile else None
     opts = Options(
         events=events,
@@ -291,6 +316,10 @@ def bench(
         worker_log_level=worker_log_level,
         worker_command=worker_command,
         workers=workers,
+        approvals=approvals,
+        approvals_held=approvals_held,
+        approvals_checkpoints=held_checkpoints,
+        approvals_requests=approvals_requests,
     )
     if profile and spy is None:
         echo("py-spy not found: CPU is reported per process only, not per stage")

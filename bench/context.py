@@ -40,6 +40,10 @@ class Options:
     worker_command: str | None = None
     workers: int = 1
     skip_chain: bool = False
+    approvals: bool = False
+    approvals_held: int = 200
+    approvals_checkpoints: list[int] = field(default_factory=lambda: [1_000, 1_000_000])
+    approvals_requests: int = 50
     stamp: str = ""
 
     @property
@@ -58,6 +62,15 @@ class Options:
             "warmup": self.warmup,
             "timeout_s": self.timeout,
             "memory_checkpoints": self.checkpoints if self.memory else None,
+            "approvals": (
+                {
+                    "held": self.approvals_held,
+                    "checkpoints": self.approvals_checkpoints,
+                    "requests": self.approvals_requests,
+                }
+                if self.approvals
+                else None
+            ),
             "py_spy": self.py_spy,
             "api_single": self.api_single,
             "api_batched": self.api_batched,

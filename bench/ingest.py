@@ -16,7 +16,7 @@ from bench.context import BenchContext, Options
 from bench.procs import echo, wait_http
 from bench.stats import latency_summary, rate
 from bench.system import CpuMeter
-from bench.workload import API_KEY
+from bench.workload import API_KEY, SOURCE
 
 
 async def run_api(ctx: BenchContext, opts: Options) -> dict[str, Any]:
@@ -84,7 +84,7 @@ async def _load(
 
     def body(i: int) -> bytes:
         report = {
-            "source": "payments-eu",
+            "source": SOURCE,
             "error_type": f"BenchError{i % 256:03d}",
             "message": f"Card declined for order {i:08d} (customer {i % 9973}, amount 99.90 EUR)",
             "external_ref": f"ord-{i:08d}",

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,12 +113,15 @@ class Watcher:
         self._keys = {k for k in self._keys if phase_of(k) != phase}
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        """Stop consuming (again is harmless: a phase may stop it before the run ends)."""
+        task, consumer = self._task, self._consumer
+        self._task = self._consumer = None
+        if task is not None:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-        if self._consumer is not None:
-            await self._consumer.stop()
+                await task
+        if consumer is not None:
+            await consumer.stop()
 
 
 async def read_stamps(
@@ -160,18 +163,65 @@ async def read_stamps(
     return out
 
 
-async def group_lag(admin: Any, consumer: Any, group: str, partitions: int) -> int:
-    """Records the consumer group ``group`` has not committed yet, over every partition of every
-    topic it has committed an offset in (a partition with none counts from its start); read with
-    a started aiokafka admin client and consumer."""
+async def group_lag(
+    admin: Any, consumer: Any, group: str, partitions: int, topics: Collection[str] = ()
+) -> int:
+    """Records the consumer group ``group`` has not committed yet, over every partition of
+    ``topics`` (default: every topic it has committed an offset in; a partition with none counts
+    from its start); read with a started aiokafka admin client and consumer."""
     from aiokafka import TopicPartition
 
     committed = await admin.list_consumer_group_offsets(group)
-    topics = {tp.topic for tp in committed}
+    topics = set(topics) or {tp.topic for tp in committed}
     tps = [TopicPartition(topic, p) for topic in topics for p in range(partitions)]
     ends = await consumer.end_offsets(tps) if tps else {}
     offsets = {tp: meta.offset for tp, meta in committed.items()}
     return sum(max(0, end - max(0, offsets.get(tp, 0))) for tp, end in ends.items())
+
+
+class GroupLag:
+    """The lag of a consumer group (:func:`group_lag`), with its own admin client and consumer."""
+
+    def __init__(self, bootstrap: str, group: str, partitions: int) -> None:
+        self.bootstrap = bootstrap
+        self.group = group
+        self.partitions = partitions
+        self._admin: Any = None
+        self._consumer: Any = None
+
+    async def __aenter__(self) -> GroupLag:
+        from aiokafka import AIOKafkaConsumer
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        self._admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, enable_auto_commit=False
+        )
+        await self._admin.start()
+        try:
+            await self._consumer.start()
+        except BaseException:
+            await self._admin.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._consumer.stop()
+        await self._admin.close()
+
+    async def lag(self, topics: Collection[str] = ()) -> int:
+        return await group_lag(self._admin, self._consumer, self.group, self.partitions, topics)
+
+    async def caught_up(self, within: float, topics: Collection[str] = ()) -> float | None:
+        """The ``perf_counter`` time at which the group had committed every record of ``topics``
+        (default: every topic it reads), or None if not within ``within`` s. Offsets are committed
+        every few seconds, so it is late by up to that much."""
+        deadline = time.perf_counter() + within
+        while time.perf_counter() < deadline:
+            if await self.lag(topics) == 0:
+                return time.perf_counter()
+            await asyncio.sleep(0.5)
+        return None
 
 
 def new_producer(bootstrap: str, **kwargs: Any) -> Any:

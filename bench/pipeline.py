@@ -1,5 +1,6 @@
 """Phases b and c, on real Sluice workers: the startup probe and warm-up, throughput flat out (b),
-latency at a fixed rate (c), the optional profiled pass, then phase f (:mod:`bench.memory`)."""
+latency at a fixed rate (c), the optional profiled pass, then phases f (:mod:`bench.memory`) and g
+(:mod:`bench.approvals`)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from bench.approvals import run_approvals
 from bench.context import BenchContext, Options
 from bench.kafka import (
+    GroupLag,
     Watcher,
     ensure,
-    group_lag,
     new_producer,
     produce,
     read_stamps,
@@ -62,7 +64,7 @@ async def run_pipeline_phases(
 async def _measure_pipeline(
     ctx: BenchContext, opts: Options, topics: Any, phases: dict[str, Any], notes: list[str]
 ) -> None:
-    """Probe, warm-up, then phases b, c, the profiled pass and f, once every worker is ready."""
+    """Probe, warm-up, then phases b, c, the profiled pass, f and g, once every worker is ready."""
     workers = ctx.workers
     startup = phases["startup"]
     watcher = Watcher(ctx.bootstrap, topics.completed, ctx.partitions)
@@ -177,6 +179,14 @@ async def _measure_pipeline(
         if opts.memory:
             # run_memory fills phases["memory"] as it goes: a run stopped early keeps its checkpoints
             await run_memory(ctx, opts, producer, watcher, topics, phases)
+
+        # (g) approvals
+        if opts.approvals:
+            completed = sum(watcher.counts.values())
+            # its synthetic completions are for the projection only: the watcher would keep every
+            # id of a million in memory, and take CPU from the workers, to count them
+            await watcher.stop()
+            await run_approvals(ctx, opts, producer, topics, phases, notes, completed)
     finally:
         await producer.stop()
         await watcher.stop()
@@ -306,20 +316,5 @@ async def wait_caught_up(ctx: BenchContext, within: float) -> float | None:
     """The ``perf_counter`` time at which the workers' group had committed every record of its
     input topics (the projection and every agent idle), or None if not within ``within`` s.
     Offsets are committed every few seconds, so it is late by up to that much."""
-    from aiokafka import AIOKafkaConsumer
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=ctx.bootstrap)
-    consumer = AIOKafkaConsumer(bootstrap_servers=ctx.bootstrap, enable_auto_commit=False)
-    await admin.start()
-    await consumer.start()
-    try:
-        deadline = time.perf_counter() + within
-        while time.perf_counter() < deadline:
-            if await group_lag(admin, consumer, ctx.app_id, ctx.partitions) == 0:
-                return time.perf_counter()
-            await asyncio.sleep(0.5)
-        return None
-    finally:
-        await consumer.stop()
-        await admin.close()
+    async with GroupLag(ctx.bootstrap, ctx.app_id, ctx.partitions) as group:
+        return await group.caught_up(within)

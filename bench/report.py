@@ -117,6 +117,7 @@ def summary_table(result: dict[str, Any]) -> str:
                 f"RSS MiB; tables on disk {human_bytes(point.get('data_dir_bytes'))}",
             )
         )
+    rows.extend(_approvals_rows(result.get("approvals") or {}))
     api = result.get("api") or {}
     for kind in ("single", "batch"):
         data = api.get(kind)
@@ -132,6 +133,30 @@ def summary_table(result: dict[str, Any]) -> str:
         (t["name"], t.get("measured", "-"), t["status"]) for t in result.get("targets", [])
     ]
     return text + "\n\n" + format_table(["target", "measured", "status"], target_rows)
+
+
+def _approvals_rows(approvals: dict[str, Any]) -> list[tuple[str, str, object, str]]:
+    """Per checkpoint of phase g: the worker's list p50, and in the note its p95 and max, the
+    API's p50 and how long the table took to grow there."""
+    rows: list[tuple[str, str, object, str]] = []
+    for point in approvals.get("checkpoints", []):
+        worker, api = point.get("worker") or {}, point.get("api") or {}
+        fill = (
+            f"filled {point['filled']:,} in {point.get('fill_s')} s ({point.get('fill_per_s')}/s)"
+            if point.get("filled")
+            else "no fill"
+        )
+        note = (
+            f"p95 {worker.get('p95_ms', '-')}, max {worker.get('max_ms', '-')} ms; API p50 "
+            f"{api.get('p50_ms', '-')} ms; {point.get('pending')} pending; {fill}"
+        )
+        label = f"list p50 ms at {point['stored_exceptions']:,} stored"
+        rows.append(("g approvals", label, worker.get("p50_ms"), note))
+    if "fill_progress" in approvals:  # a run stopped during a fill
+        progress = approvals["fill_progress"]
+        note = f"{progress.get('folded_per_s')}/s, after {progress.get('elapsed_s')} s"
+        rows.append(("g approvals", "fill stopped at, folded", progress.get("folded"), note))
+    return rows
 
 
 def _half_rate_rows(phase: str, figures: dict[str, Any]) -> list[tuple[str, str, object, str]]:

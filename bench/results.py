@@ -17,6 +17,7 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         ("p99 < 100 ms at half max rate", _latency_target),
         ("RSS flat within 10% from 100k to 1M exceptions", _rss_target),
         ("ingest >= 5,000/s per API process (batch)", _ingest_target),
+        (APPROVALS_TARGET, _approvals_target),
     )
     return [{"name": name, **(check(result) or {"status": "not run"})} for name, check in checks]
 
@@ -83,7 +84,47 @@ def _ingest_target(result: dict[str, Any]) -> dict[str, Any] | None:
     return {"measured": f"{batch}/s", "status": "pass" if batch >= 5000 else "miss"}
 
 
-PHASE_KEYS = ("startup", "raw", "chain", "pipeline", "latency", "profile", "memory", "api")
+# The list's p50 at the largest checkpoint may be at most this times its p50 at the smallest.
+APPROVALS_RATIO = 1.5
+APPROVALS_TARGET = "approvals list p50 at 1M stored exceptions within 1.5x of 1k"
+
+
+def _approvals_target(result: dict[str, Any]) -> dict[str, Any] | None:
+    points = [
+        p
+        for p in (result.get("approvals") or {}).get("checkpoints", [])
+        if (p.get("worker") or {}).get("p50_ms")
+    ]
+    if len(points) < 2:
+        return None
+    first, last = points[0], points[-1]
+    small, large = first["worker"]["p50_ms"], last["worker"]["p50_ms"]
+    ratio = large / small
+    # the smallest point is what the pipeline phases left in the table (about 1.5k at the least);
+    # the target's range is reached when the largest is about 1M
+    covered = last["stored_exceptions"] >= 950_000
+    return {
+        "measured": (
+            f"{ratio:.2f}x: {large} ms at {last['stored_exceptions']:,} against {small} ms at "
+            f"{first['stored_exceptions']:,} stored exceptions"
+        ),
+        "ratio": round(ratio, 3),
+        "status": "miss" if ratio > APPROVALS_RATIO else "pass" if covered else "partial",
+        "range_covered": [first["stored_exceptions"], last["stored_exceptions"]],
+    }
+
+
+PHASE_KEYS = (
+    "startup",
+    "raw",
+    "chain",
+    "pipeline",
+    "latency",
+    "profile",
+    "memory",
+    "approvals",
+    "api",
+)
 RESULT_KEYS = (
     "schema",
     "started_at",

@@ -1,8 +1,8 @@
 """Held exceptions in the worker: the ``approvals`` table, its expiry timer, and its listing.
 
 The playbook and tool stages keep a :class:`~agents.approval.Hold` per held exception here (key: the
-exception id). Pending holds are what GET /v1/approvals lists, so the listing reads this small table,
-never the ``exceptions`` table. The timer is durable because the table is: after a restart or a
+exception id). The pending holds are what GET /v1/approvals lists, so the listing reads this small
+table (pending holds only; decided ones move to an expiring table), never the ``exceptions`` table. The timer is durable because the table is: after a restart or a
 rebalance, the worker that now holds the partition finds the hold and its ``expires_at``. When it is
 due, the timer does not change anything itself: it sends an ``expire`` decision to the holding
 stage's input, where it is ordered with the operators' decisions and whichever comes first wins.
@@ -29,18 +29,29 @@ log = logging.getLogger("sluice.pipeline")
 
 
 class Approvals:
-    """The ``approvals`` table: exception id -> the hold of the stage that holds it (pending, or
-    decided and kept, so that a decision delivered again gives the same outputs)."""
+    """Holds by exception id: the pending ones in the ``approvals`` table (what the list and the
+    timer read), the decided ones in ``approvals-decided``, which expires like the idempotency
+    marks (a decision delivered again finds its hold there and gives the same outputs; none comes
+    later than the marks are kept)."""
 
-    def __init__(self, table: BytesMapping) -> None:
-        self.table = table
+    def __init__(self, pending: BytesMapping, decided: BytesMapping | None = None) -> None:
+        self.table = pending
+        self.decided = {} if decided is None else decided
 
     def get(self, exception_id: str) -> Hold | None:
         raw = stored(self.table, exception_id)
+        if raw is None:
+            raw = stored(self.decided, exception_id)
         return None if raw is None else Hold.model_validate_json(raw)
 
     def put(self, hold: Hold) -> None:
-        self.table[hold.exception_id] = hold.model_dump_json().encode()
+        value = hold.model_dump_json().encode()
+        if hold.pending:
+            self.table[hold.exception_id] = value
+            return
+        self.decided[hold.exception_id] = value
+        if hold.exception_id in self.table:
+            del self.table[hold.exception_id]
 
     def hold(self, held: Held) -> ExceptionApprovalRequested:
         """Keep ``held``, unless this very event is already held (a redelivery after a crash):
@@ -56,9 +67,7 @@ class Approvals:
 
     def pending(self) -> Iterable[Hold]:
         for _key, raw in list(self.table.items()):
-            hold = Hold.model_validate_json(raw)
-            if hold.pending:
-                yield hold
+            yield Hold.model_validate_json(raw)
 
 
 class ExpiryTimer:

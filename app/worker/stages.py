@@ -104,7 +104,7 @@ class StageHandlers:
         groups: BytesMapping,
         ledger: Ledger,
         retry: RetryPolicy,
-        approvals: BytesMapping | None = None,
+        approvals: Approvals | None = None,
         clients: Clients | None = None,
         decoded_groups: Decoded[str, dict[str, Any]] | None = None,
         durable: Callable[[], Awaitable[None]] = _nothing,
@@ -115,7 +115,7 @@ class StageHandlers:
         self.groups = groups
         self.ledger = ledger
         self.retry = retry
-        self.approvals = Approvals({} if approvals is None else approvals)
+        self.approvals = approvals or Approvals({})
         self.clients = clients or Clients()
         # tenant:fingerprint -> the group table's value, decoded (None: nothing kept)
         self.decoded_groups = decoded_groups

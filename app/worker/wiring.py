@@ -227,7 +227,8 @@ class Tables:
     groups: Any  # tenant:fingerprint -> group and its recent outputs
     ledger: Any  # idempotency key -> StepResult or an in-flight marker
     quarantine: Any  # <stage>:<exception id> -> dead letter and parked items
-    approvals: Any  # exception id -> the hold of the stage that holds it for approval
+    approvals: Any  # exception id -> the pending hold of the stage that holds it for approval
+    approvals_decided: Any  # exception id -> its decided hold (expires like the marks)
     audit: Any  # event id -> an operator action (app.worker.audit)
     processed: dict[str, Any] = field(default_factory=dict)  # processed-<stage>
 
@@ -325,6 +326,7 @@ def build_worker(settings: Settings, worker_metrics: Metrics = metrics) -> Worke
         ledger=declare.expiring_table("tool-ledger"),
         quarantine=declare.table("quarantine"),
         approvals=declare.table("approvals"),
+        approvals_decided=declare.expiring_table("approvals-decided"),
         audit=declare.table("audit"),
     )
     rebalances = Rebalances()
@@ -359,7 +361,7 @@ def build_worker(settings: Settings, worker_metrics: Metrics = metrics) -> Worke
         groups=tables.groups,
         ledger=MappingLedger(tables.ledger),
         retry=retry,
-        approvals=tables.approvals,
+        approvals=Approvals(tables.approvals, tables.approvals_decided),
         clients=clients,
         decoded_groups=Decoded(settings.worker_decoded_cache, rebalances.current),
         durable=tables.ledger.durable,
@@ -396,7 +398,7 @@ def build_worker(settings: Settings, worker_metrics: Metrics = metrics) -> Worke
     worker = Worker(app, settings, names, tables, recorder, runners, clients, Drain(), rebalances)
     _register_agents(worker, topics)
     register_views(worker)
-    timer = ExpiryTimer(Approvals(tables.approvals), ctx.producer, names, now)
+    timer = ExpiryTimer(Approvals(tables.approvals), ctx.producer, names, now)  # pending only
 
     @app.timer(interval=settings.approval_sweep_seconds, on_leader=False)
     async def expire_approvals() -> None:

@@ -23,6 +23,7 @@ from agents.tools import Tool
 from app.stores import MappingLedger, MappingProcessedStore
 from app.telemetry import Metrics
 from app.topics import TopicNames
+from app.worker.approvals import Approvals
 from app.worker.items import Handler, Item, Output
 from app.worker.memory import Generation, ManualClock, MemoryChangelog, MemoryProducer, Sleeps
 from app.worker.outcomes import Recorder
@@ -191,6 +192,7 @@ def acme_handlers(
     *,
     ledger: dict[str, bytes] | None = None,
     approvals: dict[str, bytes] | None = None,
+    decided: dict[str, bytes] | None = None,
 ) -> StageHandlers:
     """The chain's handlers for acme, over tables the caller keeps (they outlive a "crash")."""
     config = acme()
@@ -203,6 +205,6 @@ def acme_handlers(
         groups={},
         ledger=MappingLedger({} if ledger is None else ledger),
         retry=RetryPolicy(max_attempts=1),
-        approvals={} if approvals is None else approvals,
+        approvals=Approvals({} if approvals is None else approvals, decided),
         clients=clients,
     )
