@@ -7,8 +7,10 @@ to the routes, and tests replace them with ``app.dependency_overrides``.
 Every tenant route takes one of ``IngestCaller``, ``ViewerCaller``, ``OperatorCaller`` or
 ``AdminCaller``: the :class:`~schemas.config.Caller` (tenant, key name, role) of the request's
 X-API-Key, once its role allows the route. A missing or unknown key answers 401, a known key whose role
-does not allow the route 403 naming the role needed. Roles: a producer key only reports exceptions;
-viewer < operator < admin, each allowed what the one before is; an admin may also report. The OpenAPI
+does not allow the route 403 naming the role needed; a client address that has used up its budget of
+401s (``api.limits.AuthFailureThrottle``) gets 429 with Retry-After, whatever key it sends. Roles: a
+producer key only reports exceptions; viewer < operator < admin, each allowed what the one before is;
+an admin may also report. The OpenAPI
 document states each route's role from these dependencies (:func:`required_role`).
 """
 
@@ -27,6 +29,7 @@ from starlette.routing import BaseRoute
 from api.errors import ApiProblem
 from api.idempotency import HEADER as IDEMPOTENCY_HEADER
 from api.idempotency import MAX_KEY_LENGTH, Idempotency, parse_key
+from api.limits import AuthFailureThrottle, IngestLimiter
 from api.producer import EventSender
 from api.reader import ExceptionReader
 from app.settings import Settings
@@ -41,6 +44,8 @@ class Runtime:
     producer: EventSender
     reader: ExceptionReader
     idempotency: Idempotency
+    ingest_limits: IngestLimiter
+    auth_throttle: AuthFailureThrottle
 
 
 def get_runtime(request: Request) -> Runtime:
@@ -69,6 +74,10 @@ def get_idempotency(runtime: RuntimeDep) -> Idempotency:
     return runtime.idempotency
 
 
+def get_ingest_limits(runtime: RuntimeDep) -> IngestLimiter:
+    return runtime.ingest_limits
+
+
 api_key_header = APIKeyHeader(
     name="X-API-Key",
     scheme_name="ApiKey",
@@ -78,18 +87,36 @@ api_key_header = APIKeyHeader(
 )
 
 _WWW_AUTHENTICATE = {"WWW-Authenticate": 'ApiKey header="X-API-Key"'}
-DENIAL_REASONS = ("missing_key", "unknown_key", "role")
+DENIAL_REASONS = ("missing_key", "unknown_key", "role", "auth_throttled")
 
 
-def get_caller(
-    runtime: RuntimeDep, api_key: Annotated[str | None, Security(api_key_header)]
+async def get_caller(
+    request: Request,
+    runtime: RuntimeDep,
+    api_key: Annotated[str | None, Security(api_key_header)],
 ) -> Caller:
-    """Who sends the request's X-API-Key (tenant, key name, role), or 401.
+    """Who sends the request's X-API-Key (tenant, key name, role), or 401; or 429 when the
+    client address has used up its budget of 401s (checked first, so a throttled address learns
+    nothing about the key it sends).
 
     Denials are counted in ``sluice_api_denials_total{reason}``, not logged: a client retrying with
-    a bad key would otherwise fill the log.
+    a bad key would otherwise fill the log. (An address running out of its budget is logged once.)
+    Async, so that it runs on the event loop, where the throttle's buckets live.
     """
+    address = request.client.host if request.client is not None else "unknown"
+    throttle = runtime.auth_throttle
+    wait = throttle.waiting(address)
+    if wait is not None:
+        metrics.api_denied("auth_throttled")
+        raise ApiProblem(
+            429,
+            f"Too many requests from {address} failed authentication (the budget is "
+            f"{throttle.per_minute} a minute), so requests from it are refused for now whatever "
+            f"their key. Check the X-API-Key your client sends, then retry after {wait} seconds.",
+            headers={"Retry-After": str(wait)},
+        )
     if not api_key:
+        await throttle.failed(address)
         metrics.api_denied("missing_key")
         raise ApiProblem(
             401,
@@ -98,6 +125,7 @@ def get_caller(
         )
     caller = runtime.api_keys.caller_for(api_key)
     if caller is None:
+        await throttle.failed(address)
         metrics.api_denied("unknown_key")
         raise ApiProblem(
             401,
@@ -205,4 +233,5 @@ AdminCaller = Annotated[Caller, Depends(require_admin)]
 ProducerDep = Annotated[EventSender, Depends(get_producer)]
 ReaderDep = Annotated[ExceptionReader, Depends(get_reader)]
 IdempotencyDep = Annotated[Idempotency, Depends(get_idempotency)]
+IngestLimitsDep = Annotated[IngestLimiter, Depends(get_ingest_limits)]
 IdempotencyKeyDep = Annotated[str | None, Depends(get_idempotency_key)]

@@ -2,7 +2,9 @@
 
 ``create_api(settings)`` builds the application; the module-level ``app`` is what ``sluice api`` serves
 (``uvicorn api.main:app``). The lifespan loads the API keys (a configuration error stops the process
-at startup, with the error's text) and watches their file for changes (``api.key_reload``), starts the Kafka producer in the background (the API starts
+at startup, with the error's text) and watches their file for changes (``api.key_reload``), reads each
+tenant's ``[limits]`` once (``api.limits``; a change needs a restart, as it does for the workers),
+starts the Kafka producer in the background (the API starts
 and answers 503 while the broker is unreachable) and opens the HTTP client to the workers; it closes them
 on shutdown. A body size limit sits in front of everything (413), and every error is a problem document.
 
@@ -30,6 +32,7 @@ from api.body_limit import BodyLimitMiddleware
 from api.deps import DENIAL_REASONS, ROLE_NEEDS, Runtime, route_roles
 from api.idempotency import Idempotency
 from api.key_reload import KeyFileWatcher, load_key_file
+from api.limits import AuthFailureThrottle, IngestLimiter
 from api.producer import KafkaEventProducer
 from api.reader import WorkerReader
 from api.routes import approvals, audit, exceptions, health, operations
@@ -43,7 +46,7 @@ from app.telemetry import (
     shutdown_tracing,
 )
 from schemas.api import Problem
-from schemas.config import ApiKeys, ConfigError, api_keys_path
+from schemas.config import ApiKeys, ConfigError, LimitsConfig, api_keys_path, load_tenant_limits
 
 log = logging.getLogger("sluice.api")
 
@@ -61,7 +64,9 @@ read is scoped to it. Each key has a role, and each route says which it needs (`
 | `operator` | what a viewer may, and approve, reject, redrive and discard |
 | `admin` | what an operator may, and change configuration and report exceptions |
 
-A missing or unknown key answers **401**, a key whose role may not use the route **403**. Reports are
+A missing or unknown key answers **401**, a key whose role may not use the route **403**. A client
+address with too many 401s gets **429** with `Retry-After` for a while, whatever key it sends; so does
+a tenant reporting faster than its `[limits]` allow. Reports are
 accepted with **202** once Kafka has acknowledged them; errors are
 [RFC 9457](https://www.rfc-editor.org/rfc/rfc9457) problem documents.
 """
@@ -115,7 +120,14 @@ def create_api(settings: Settings | None = None) -> FastAPI:
                 "%s lists no API keys: every /v1 request will be refused with 401 until it does",
                 keys_path,
             )
+        try:
+            limits = _tenant_limits(settings)
+        except ConfigError as exc:
+            log.error("The Sluice API cannot start: %s", exc)
+            raise
+        ingest_limits = IngestLimiter(limits)
         metrics.declare_api_denials(DENIAL_REASONS)
+        metrics.declare_rate_limited(sorted(ingest_limits.limits))
         producer = KafkaEventProducer(settings)
         producer.start()
         reader = WorkerReader(settings)
@@ -125,6 +137,8 @@ def create_api(settings: Settings | None = None) -> FastAPI:
             producer=producer,
             reader=reader,
             idempotency=Idempotency(settings.idempotency_key_ttl_seconds),
+            ingest_limits=ingest_limits,
+            auth_throttle=AuthFailureThrottle(settings.auth_failures_per_minute),
         )
         app.state.runtime = runtime
 
@@ -175,9 +189,34 @@ def create_api(settings: Settings | None = None) -> FastAPI:
     return api
 
 
+def _tenant_limits(settings: Settings) -> dict[str, LimitsConfig]:
+    """Each tenant's ``[limits]``; none, with a warning, when there is no tenants folder (an API
+    deployed with api_keys.toml alone keeps working, unlimited)."""
+    folder = settings.config_dir / "tenants"
+    if not folder.is_dir():
+        log.warning(
+            "%s does not exist: no tenant has ingest limits in this API process. Point "
+            "SLUICE_CONFIG_DIR at the folder the workers use to apply each tenant's [limits].",
+            folder,
+        )
+        return {}
+    limits = load_tenant_limits(settings.config_dir)
+    for tenant, limit in sorted(limits.items()):
+        if limit.limited:
+            log.info(
+                "tenant %s may report %g exceptions a second, %d at once (per API process)",
+                tenant,
+                limit.ingest_per_second,
+                limit.burst,
+            )
+    return limits
+
+
 _ROLE_PROBLEMS = {
     "401": "X-API-Key is missing or not a valid key.",
     "403": "The key is valid, but its role may not use this route; the detail names the role needed.",
+    "429": "Too many requests from this client address failed authentication; retry after "
+    "Retry-After seconds (SLUICE_AUTH_FAILURES_PER_MINUTE).",
 }
 
 

@@ -65,6 +65,14 @@ class Settings(BaseSettings):
         default=10.0, gt=0, description="Longer without a broker ack and the API answers 503."
     )
     worker_read_timeout_seconds: float = Field(default=10.0, gt=0)
+    auth_failures_per_minute: int = Field(
+        default=20,
+        ge=0,
+        le=100_000,
+        description="Failed authentications (401) a client address may have at once, refilled at "
+        "this many a minute; past them the address gets 429 on every request that needs a key "
+        "until the budget refills. Per API process; 0 turns this off.",
+    )
     # Worker
     processed_ttl_seconds: int = Field(
         default=7 * 86_400,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import math
 import os
 import re
 import tomllib
@@ -245,6 +246,56 @@ class ToolConfig(Strict):
         return self
 
 
+# ----------------------------------------------------------------------------------------- limits
+
+
+class LimitsConfig(Strict):
+    """``[limits]``: how fast the tenant may report exceptions to one API process (a token bucket:
+    each reported exception, each item of a batch, takes a token; ``ingest_per_second`` tokens come
+    back every second, up to ``ingest_burst``). No ``ingest_per_second``: unlimited. The API reads
+    this section at start; the worker ignores it."""
+
+    ingest_per_second: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Sustained reports per second per API process; unset: unlimited.",
+    )
+    ingest_burst: int | None = Field(
+        default=None,
+        gt=0,
+        description="Most reports at once (the bucket's size); unset: one second's worth.",
+    )
+
+    @model_validator(mode="after")
+    def _burst_fits_the_rate(self) -> LimitsConfig:
+        if self.ingest_per_second is None:
+            if self.ingest_burst is not None:
+                raise ValueError(
+                    "ingest_burst needs ingest_per_second (the rate the burst refills at); "
+                    "set both, or neither for no limit"
+                )
+            return self
+        if self.ingest_burst is not None and self.ingest_burst < self.ingest_per_second:
+            raise ValueError(
+                f"ingest_burst ({self.ingest_burst}) must be at least ingest_per_second "
+                f"({self.ingest_per_second:g}): a smaller bucket could never hold a second's "
+                "worth of reports"
+            )
+        return self
+
+    @property
+    def limited(self) -> bool:
+        return self.ingest_per_second is not None
+
+    @property
+    def burst(self) -> int:
+        """The bucket's size: ``ingest_burst``, else one second's worth (at least 1)."""
+        if self.ingest_burst is not None:
+            return self.ingest_burst
+        return max(1, math.ceil(self.ingest_per_second or 0))
+
+
 # ----------------------------------------------------------------------------------------- tenant
 
 
@@ -255,6 +306,7 @@ class TenantConfig(Strict):
     policy: PolicyConfig = PolicyConfig()
     playbooks: tuple[Playbook, ...] = ()
     tools: dict[str, ToolConfig] = Field(default_factory=lambda: {"noop": ToolConfig(kind="noop")})
+    limits: LimitsConfig = LimitsConfig()
 
     @model_validator(mode="after")
     def _tool_names(self) -> TenantConfig:
@@ -441,6 +493,49 @@ def load_tenants(config_dir: Path) -> dict[str, TenantConfig]:
     if not folder.is_dir():
         raise ConfigError(f"{folder} does not exist: Sluice needs one TOML file per tenant there")
     return {p.stem: load_tenant(p) for p in sorted(folder.glob("*.toml"))}
+
+
+class _TenantLimits(BaseModel):
+    """The part of a tenant file the API uses; the rest is the worker's (and may reference
+    environment variables, such as tool secrets, that the API process need not have)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    tenant_id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+    limits: LimitsConfig = LimitsConfig()
+
+
+def load_tenant_limits(config_dir: Path) -> dict[str, LimitsConfig]:
+    """The ``[limits]`` of every tenant file in ``<config_dir>/tenants``, by tenant id.
+
+    Only ``tenant_id`` and ``[limits]`` are read (and only ``[limits]`` has its ``${NAME}``
+    references expanded), so the API checks what it uses without needing the tools' settings; the
+    worker checks the whole file. An error names the file and the field.
+    """
+    folder = config_dir / "tenants"
+    if not folder.is_dir():
+        raise ConfigError(f"{folder} does not exist: Sluice needs one TOML file per tenant there")
+    found = {}
+    for path in sorted(folder.glob("*.toml")):
+        try:
+            data = tomllib.loads(path.read_bytes().decode())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{path} does not exist") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path} is not UTF-8 text: {exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+        section = {"tenant_id": data.get("tenant_id"), "limits": data.get("limits", {})}
+        try:
+            tenant = _TenantLimits.model_validate(_expand(section, path))
+        except ValidationError as exc:
+            raise ConfigError(f"{path}: {_describe(exc)}") from exc
+        if tenant.tenant_id != path.stem:
+            raise ConfigError(
+                f"{path}: tenant_id {tenant.tenant_id!r} must match the file name ({path.stem!r})"
+            )
+        found[tenant.tenant_id] = tenant.limits
+    return found
 
 
 def api_keys_path(config_dir: Path) -> Path:

@@ -2,7 +2,9 @@
 
 Writes go to Kafka and answer 202 only after the broker acknowledged them (``api.producer``); reads go
 to the workers' tables over HTTP (``api.reader``). The ingestion logic itself is ``api.ingest`` (pure)
-and ``api.idempotency`` (Idempotency-Key).
+and ``api.idempotency`` (Idempotency-Key). A tenant with ``[limits]`` is charged a token per report
+(``api.limits``) before anything is produced: a request short of tokens is refused whole with 429,
+so nothing of it is accepted; a replay of an accepted request is answered without a charge.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from api.deps import (
     IdempotencyDep,
     IdempotencyKeyDep,
     IngestCaller,
+    IngestLimitsDep,
     ProducerDep,
     ReaderDep,
     SettingsDep,
@@ -25,9 +28,10 @@ from api.deps import (
 from api.errors import RETRY_AFTER_SECONDS, ApiProblem, describe, field_errors, unavailable
 from api.idempotency import HEADER as IDEMPOTENCY_HEADER
 from api.idempotency import Claim
+from api.limits import IngestLimiter
 from api.producer import SendFailure
 from api.reader import ExceptionReader, WorkerUnavailable
-from app.telemetry import annotate
+from app.telemetry import annotate, metrics
 from app.topics import TopicNames
 from schemas.api import (
     BatchCreate,
@@ -54,6 +58,9 @@ _DESCRIPTIONS = {
     409: "A request with the same Idempotency-Key is still in flight.",
     413: "The request body (or the event made of it) is too large.",
     422: "The request is invalid; `errors` names each invalid field and why.",
+    429: "The tenant reports faster than its [limits] allow (nothing of the request was "
+    "accepted), or this client address had too many failed authentications; retry after "
+    "Retry-After seconds.",
     503: "Kafka or the workers cannot be reached; retry after Retry-After seconds.",
 }
 
@@ -81,6 +88,11 @@ same 202 (same exception id, `Idempotent-Replayed: true`) and never creates a se
 same key with a different body answers 422; a retry while the first request is still in flight answers
 409. Keys are scoped to the tenant and expire between 1 and 2 times SLUICE_IDEMPOTENCY_KEY_TTL_SECONDS
 (default 24 h) after their first use. Retry-After on a 503 is {RETRY_AFTER_SECONDS} seconds.
+
+**Limits**: a tenant with `[limits]` in its configuration may report `ingest_per_second` exceptions a
+second, `ingest_burst` at once, per API process. Past that the answer is **429** with `Retry-After`
+(whole seconds until the report would be accepted) and nothing is accepted; a replay of an accepted
+report (same Idempotency-Key and body) is answered as usual and not counted.
 """
 
 
@@ -103,7 +115,7 @@ same key with a different body answers 422; a retry while the first request is s
                 },
             }
         },
-        **_problems(400, 401, 409, 413, 422, 503),
+        **_problems(400, 401, 409, 413, 422, 429, 503),
     },
 )
 async def create_exception(
@@ -114,6 +126,7 @@ async def create_exception(
     reader: ReaderDep,
     idempotency: IdempotencyDep,
     idempotency_key: IdempotencyKeyDep,
+    limits: IngestLimitsDep,
     response: Response,
 ) -> ExceptionCreated:
     tenant = caller.tenant_id
@@ -124,6 +137,12 @@ async def create_exception(
         claim = await idempotency.claim(tenant, idempotency_key, body_hash, reader)
     annotate(tenant_id=tenant, exception_id=claim.exception_id)  # find the trace by its ids
     if not claim.replay:
+        # Charged after the claim, so that a replay of an accepted report costs nothing.
+        wait = await limits.take(tenant, 1)
+        if wait is not None:
+            if idempotency_key is not None:
+                idempotency.release(tenant, idempotency_key)
+            raise _rate_limited(limits, tenant, 1, wait)
         event = ingest.build_event(
             tenant,
             claim.exception_id,
@@ -163,9 +182,13 @@ async def create_exception(
         "gets 202 (accepted, with its exception_id and location) or 503 (not accepted; retry it). "
         "The answer is 200 with a result per item, in input order, whenever the batch itself was "
         "readable. Idempotency-Key is not supported here: to retry safely, send reports one by one "
-        "to POST /v1/exceptions with a key each."
+        "to POST /v1/exceptions with a key each.\n\n"
+        "**Limits**: for a tenant with `[limits]`, each item costs one token, invalid ones too. A "
+        "batch is accepted or refused whole: when the tenant lacks tokens for all its items the "
+        "answer is 429 with `Retry-After` (whole seconds until the whole batch would fit) and no "
+        "item is accepted. A batch larger than the tenant's `ingest_burst` could never fit: 422."
     ),
-    responses=_problems(400, 401, 413, 422),
+    responses=_problems(400, 401, 413, 422, 429),
     response_model_exclude_none=True,
 )
 async def create_exceptions_batch(
@@ -173,6 +196,7 @@ async def create_exceptions_batch(
     caller: IngestCaller,
     settings: SettingsDep,
     producer: ProducerDep,
+    limits: IngestLimitsDep,
     response: Response,
     idempotency_key: Annotated[
         str | None, Header(alias=IDEMPOTENCY_HEADER, include_in_schema=False)
@@ -196,6 +220,21 @@ async def create_exceptions_batch(
         )
 
     tenant = caller.tenant_id
+    limit = limits.limit_of(tenant)
+    if limit is not None and len(batch.items) > limit.burst:
+        msg = (
+            f"Tenant {tenant!r} may report at most {limit.burst} exceptions at once "
+            f"([limits] ingest_burst) and this batch has {len(batch.items)}, so it could never be "
+            f"accepted; split it into batches of at most {limit.burst}."
+        )
+        raise ApiProblem(
+            422,
+            msg,
+            errors=[FieldError(loc=["body", "items"], field="items", msg=msg, type="too_long")],
+        )
+    wait = await limits.take(tenant, len(batch.items))
+    if wait is not None:
+        raise _rate_limited(limits, tenant, len(batch.items), wait)
     annotate(tenant_id=tenant)  # each record's send span carries its exception id
     results: list[BatchItemResult | None] = [None] * len(batch.items)
     queued: list[tuple[int, str]] = []
@@ -323,6 +362,24 @@ def _read_unavailable() -> ApiProblem:
     return unavailable(
         "The exception store cannot be read right now: no Sluice worker answered. "
         f"Try again in {RETRY_AFTER_SECONDS} seconds."
+    )
+
+
+def _rate_limited(limits: IngestLimiter, tenant: str, reports: int, wait: int) -> ApiProblem:
+    """429 for a request of ``reports`` the tenant's bucket has no tokens for (counted)."""
+    metrics.rate_limited(tenant)
+    limit = limits.limit_of(tenant)
+    allowed = (
+        f"{limit.ingest_per_second:g} exceptions a second, {limit.burst} at once"
+        if limit is not None
+        else "fewer exceptions"
+    )
+    what = "this report" if reports == 1 else f"this batch of {reports} (each item counts)"
+    return ApiProblem(
+        429,
+        f"Tenant {tenant!r} may report {allowed} to this API process, and {what} would go over "
+        f"it; nothing of it was accepted. Send it again in {wait} seconds, or slow down.",
+        headers={"Retry-After": str(wait)},
     )
 
 

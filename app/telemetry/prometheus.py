@@ -174,9 +174,17 @@ class Metrics:
         )
         self.api_denials = Counter(
             "sluice_api_denials",
-            "Requests refused for their X-API-Key, by reason: missing_key, unknown_key, or role"
-            " (a valid key whose role may not use the route).",
+            "Requests refused for their X-API-Key, by reason: missing_key, unknown_key, role"
+            " (a valid key whose role may not use the route), or auth_throttled (429: the client"
+            " address used up its budget of failed authentications).",
             ["reason"],
+            registry=registry,
+        )
+        self.api_rate_limited = Counter(
+            "sluice_api_rate_limited",
+            "Ingest requests refused with 429 because the tenant's [limits] bucket lacked a token"
+            " for each of their reports (a batch counts once).",
+            ["tenant"],
             registry=registry,
         )
         self.api_keys_reloads = Counter(
@@ -283,8 +291,18 @@ class Metrics:
             self.api_denials.labels(reason)
 
     def api_denied(self, reason: str) -> None:
-        """A request was refused for its API key (``missing_key``, ``unknown_key`` or ``role``)."""
+        """A request was refused for its API key (``missing_key``, ``unknown_key``, ``role`` or
+        ``auth_throttled``)."""
         self.api_denials.labels(reason).inc()
+
+    def declare_rate_limited(self, tenants: Sequence[str]) -> None:
+        """Create the series of the limited tenants at zero."""
+        for tenant in tenants:
+            self.api_rate_limited.labels(tenant)
+
+    def rate_limited(self, tenant: str) -> None:
+        """An ingest request of ``tenant`` was refused for its limit (429)."""
+        self.api_rate_limited.labels(tenant).inc()
 
     def declare_api_keys_reloads(self, results: Sequence[str]) -> None:
         """Create the reload series at zero."""

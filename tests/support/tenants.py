@@ -144,3 +144,11 @@ def api_keys_toml(entries: list[tuple[str, str, str, str]]) -> str:
         f'sha256 = "{hashlib.sha256(key.encode()).hexdigest()}"\n\n'
         for tenant, name, role, key in entries
     )
+
+
+def limit_tenant(root: Path, tenant: str, per_second: float, burst: int) -> None:
+    """Give ``tenant`` (written by :func:`write_config`) an ingest limit: a ``[limits]`` table at
+    the end of its file. The workers ignore it; an API started afterwards applies it."""
+    path = root / "tenants" / f"{tenant}.toml"
+    text = path.read_text()
+    path.write_text(f"{text}\n[limits]\ningest_per_second = {per_second}\ningest_burst = {burst}\n")
