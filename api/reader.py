@@ -23,7 +23,8 @@ from urllib.parse import quote
 import httpx
 from pydantic import ValidationError
 
-from api.errors import unavailable
+from api.errors import ApiProblem, unavailable
+from api.paging import invalid_query
 from app.settings import Settings
 from schemas.api import ExceptionListPublic
 from schemas.state import ExceptionRecord
@@ -33,6 +34,16 @@ log = logging.getLogger("sluice.api.reader")
 
 class WorkerUnavailable(Exception):
     """No worker answered; the message says which were tried and why each failed."""
+
+
+class WorkerRefused(Exception):
+    """A worker answered 400: the query itself is invalid, so no other worker would answer it.
+    ``field`` names the parameter (the worker's ``field``, else ``query``)."""
+
+    def __init__(self, field: str, detail: str) -> None:
+        super().__init__(detail)
+        self.field = field
+        self.detail = detail
 
 
 class ExceptionReader(Protocol):
@@ -131,7 +142,8 @@ class WorkerReader:
 
 async def worker_get(settings: Settings, path: str, params: Mapping[str, str | int]) -> Any:
     """The first worker's answer to a list (``path`` gathers from the whole group); 207 counts (a
-    worker gathered what it could from the others); none answering is a 503 with Retry-After."""
+    worker gathered what it could from the others); none answering is a 503 with Retry-After, a
+    worker refusing the query a 422 naming the parameter."""
     async with httpx.AsyncClient(timeout=settings.worker_read_timeout_seconds) as client:
         try:
             return await first_answer(
@@ -139,6 +151,13 @@ async def worker_get(settings: Settings, path: str, params: Mapping[str, str | i
             )
         except WorkerUnavailable as exc:
             raise unavailable(str(exc)) from exc
+        except WorkerRefused as exc:
+            raise refused(exc) from exc
+
+
+def refused(exc: WorkerRefused) -> ApiProblem:
+    """A worker's 400 as the API's 422 naming the parameter."""
+    return invalid_query(exc.field, exc.detail[:1].upper() + exc.detail[1:])
 
 
 async def first_answer(
@@ -165,6 +184,8 @@ async def first_answer(
             continue
         if resp.status_code == 404 and not_found_is_answer:
             raise _NotFound
+        if resp.status_code == 400:
+            raise _refusal(resp)
         if resp.status_code not in accepted:
             failures.append(f"{base}: HTTP {resp.status_code}")
             continue
@@ -177,4 +198,17 @@ async def first_answer(
         "No Sluice worker answered ("
         + ("; ".join(failures) or "SLUICE_WORKER_URLS is empty")
         + ")."
+    )
+
+
+def _refusal(resp: httpx.Response) -> WorkerRefused:
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        body = {}
+    return WorkerRefused(
+        str(body.get("field") or "query"),
+        str(body.get("detail") or "the workers refused the query's parameters"),
     )

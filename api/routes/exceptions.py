@@ -25,8 +25,9 @@ from api.deps import (
 from api.errors import RETRY_AFTER_SECONDS, ApiProblem, describe, field_errors, unavailable
 from api.idempotency import HEADER as IDEMPOTENCY_HEADER
 from api.idempotency import Claim
+from api.paging import CursorQuery
 from api.producer import SendFailure
-from api.reader import ExceptionReader, WorkerUnavailable
+from api.reader import ExceptionReader, WorkerRefused, WorkerUnavailable, refused
 from app.telemetry import annotate
 from app.topics import TopicNames
 from schemas.api import (
@@ -264,9 +265,7 @@ async def list_exceptions(
     severity: Severity | None = None,
     stage: Stage | None = None,
     limit: Annotated[int, Query(ge=1, le=200, description="Page size.")] = 50,
-    cursor: Annotated[
-        str | None, Query(min_length=1, max_length=1000, description="From next_cursor.")
-    ] = None,
+    cursor: CursorQuery = None,
 ) -> ExceptionListPublic:
     try:
         return await reader.list_exceptions(
@@ -279,6 +278,8 @@ async def list_exceptions(
         )
     except WorkerUnavailable as exc:
         raise _read_unavailable() from exc
+    except WorkerRefused as exc:
+        raise refused(exc) from exc
 
 
 @router.get(
