@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from api.errors import ApiProblem, unavailable
 from api.paging import invalid_query
 from app.settings import Settings
+from app.telemetry import metrics
 from schemas.api import ExceptionListPublic
 from schemas.state import ExceptionRecord
 
@@ -140,6 +141,34 @@ class WorkerReader:
         )
 
 
+class WorkerHealth:
+    """Whether each worker answered its last read, so that a worker that is down is logged once
+    (WARNING, with why) and once more when it is back (INFO), not at every read: every failed read
+    is counted in ``sluice_api_worker_unavailable_total{worker}``."""
+
+    def __init__(self) -> None:
+        self._down: dict[str, str] = {}
+
+    def failed(self, url: str, why: str) -> str:
+        """Record a failed read of ``url``; the failure as ``url: why``."""
+        metrics.worker_unavailable(url)
+        if url not in self._down:
+            log.warning("worker %s unavailable: %s", url, why)
+        self._down[url] = why
+        return f"{url}: {why}"
+
+    def answered(self, url: str) -> None:
+        if self._down.pop(url, None) is not None:
+            log.info("worker %s back", url)
+
+    def is_down(self, url: str) -> bool:
+        return url in self._down
+
+
+HEALTH = WorkerHealth()
+"""The API process's view of its workers (one per process, like its metrics)."""
+
+
 async def worker_get(settings: Settings, path: str, params: Mapping[str, str | int]) -> Any:
     """The first worker's answer to a list (``path`` gathers from the whole group); 207 counts (a
     worker gathered what it could from the others); none answering is a 503 with Retry-After, a
@@ -168,32 +197,39 @@ async def first_answer(
     *,
     accepted: Collection[int] = (200,),
     not_found_is_answer: bool = False,
+    health: WorkerHealth | None = None,
 ) -> Any:
     """The JSON of the first worker (in ``urls`` order) that answers ``GET path``.
 
     A status in ``accepted`` is an answer; a 404 is one only when ``not_found_is_answer`` (single
     reads), and raises :class:`_NotFound`. When no worker answers, :class:`WorkerUnavailable` says
-    which were tried and why each failed."""
+    which were tried and why each failed. Each worker's failures are counted and its changes of
+    state logged once, by ``health`` (the process's :data:`HEALTH` by default)."""
+    health = health or HEALTH
     failures: list[str] = []
     for url in urls:
         base = url.rstrip("/")
         try:
             resp = await client.get(base + path, params=dict(params))
         except httpx.HTTPError as exc:
-            failures.append(f"{base}: {exc or type(exc).__name__}")
+            failures.append(health.failed(base, str(exc) or type(exc).__name__))
             continue
         if resp.status_code == 404 and not_found_is_answer:
+            health.answered(base)
             raise _NotFound
         if resp.status_code == 400:
+            health.answered(base)
             raise _refusal(resp)
         if resp.status_code not in accepted:
-            failures.append(f"{base}: HTTP {resp.status_code}")
+            failures.append(health.failed(base, f"HTTP {resp.status_code}"))
             continue
         try:
-            return resp.json()
+            data = resp.json()
         except ValueError:
-            failures.append(f"{base}: the answer is not JSON")
-    log.warning("no worker answered %s: %s", path, "; ".join(failures))
+            failures.append(health.failed(base, "the answer is not JSON"))
+            continue
+        health.answered(base)
+        return data
     raise WorkerUnavailable(
         "No Sluice worker answered ("
         + ("; ".join(failures) or "SLUICE_WORKER_URLS is empty")
