@@ -1,0 +1,69 @@
+"""Crashers of issue 16 against real processes and the real broker: a worker restarting while the
+API serves reads, and a batch retried with its Idempotency-Key."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+
+import httpx
+
+from tests.integration.conftest import StackFactory
+from tests.support.stack import Stack
+
+
+async def _reported(stack: Stack, client: httpx.AsyncClient) -> str:
+    resp = await client.post(
+        "/v1/exceptions",
+        json={"source": "payments", "error_type": "CardDeclined", "message": "declined"},
+        headers=stack.headers(),
+    )
+    assert resp.status_code == 202, resp.text
+    exception_id: str = resp.json()["exception_id"]
+    await stack.wait_for_state(exception_id, {"received", "in_progress", "resolved", "open"})
+    return exception_id
+
+
+def _bad(resp: httpx.Response) -> str | None:
+    """Why this answer is a crash: a 5xx other than a 503 with Retry-After."""
+    if resp.status_code < 500:
+        return None
+    if resp.status_code == 503 and resp.headers.get("Retry-After"):
+        return None
+    return f"{resp.status_code} {resp.headers.get('content-type')} {resp.text[:200]}"
+
+
+async def test_a_restarting_worker_answers_503_with_retry_after(
+    stack_factory: StackFactory,
+) -> None:
+    stack = await stack_factory()
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=15) as api:
+        exception_id = await _reported(stack, api)
+        assert stack.stop_worker(0) == 0
+        stack.start_worker(0)
+        worker_read = f"{stack.worker_url(0)}/sluice/exceptions/{exception_id}"
+        seen: Counter[tuple[str, int]] = Counter()
+        crashes: list[str] = []
+        deadline = time.monotonic() + 120
+        async with httpx.AsyncClient(timeout=15) as direct:
+            while time.monotonic() < deadline:
+                answers = {}
+                try:
+                    answers["worker"] = await direct.get(worker_read, params={"tenant": "acme"})
+                except httpx.TransportError:
+                    seen["worker", 0] += 1  # not listening yet
+                answers["api"] = await api.get(
+                    f"/v1/exceptions/{exception_id}", headers=stack.headers()
+                )
+                for who, resp in answers.items():
+                    seen[who, resp.status_code] += 1
+                    if (why := _bad(resp)) is not None:
+                        crashes.append(f"{who}: {why}")
+                if all(r.status_code == 200 for r in answers.values()) and len(answers) == 2:
+                    break
+                await asyncio.sleep(0.02)
+    assert crashes == [], f"{crashes[:5]} (all answers: {dict(seen)})"
+    assert seen["worker", 200] and seen["api", 200], dict(seen)
+    # The restart window was exercised: the worker answered before it could serve the read.
+    assert seen["worker", 503] > 0, dict(seen)
