@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Path, Query, Response
+from fastapi import APIRouter, Path, Query, Response
 from pydantic import ValidationError
 
 from api import ingest
@@ -23,8 +23,7 @@ from api.deps import (
     ViewerCaller,
 )
 from api.errors import RETRY_AFTER_SECONDS, ApiProblem, describe, field_errors, unavailable
-from api.idempotency import HEADER as IDEMPOTENCY_HEADER
-from api.idempotency import Claim
+from api.idempotency import Claim, batch_exception_id
 from api.paging import CursorQuery
 from api.producer import SendFailure
 from api.reader import ExceptionReader, WorkerRefused, WorkerUnavailable, refused
@@ -163,10 +162,24 @@ async def create_exception(
         "stop the others. Valid items are all sent to Kafka, then the acks awaited together; each "
         "gets 202 (accepted, with its exception_id and location) or 503 (not accepted; retry it). "
         "The answer is 200 with a result per item, in input order, whenever the batch itself was "
-        "readable. Idempotency-Key is not supported here: to retry safely, send reports one by one "
-        "to POST /v1/exceptions with a key each."
+        "readable.\n\n**Idempotency-Key** works as on POST /v1/exceptions, for the whole batch: a "
+        "retry with the same key and the same body answers the same results (the same exception "
+        "ids, `Idempotent-Replayed: true`) and creates no second exception; items that were not "
+        "accepted the first time (503) are sent again. The same key with a different body answers "
+        "422, a retry while the first request is in flight 409. A batch's keys are separate from "
+        "the single route's."
     ),
-    responses=_problems(400, 401, 413, 422),
+    responses={
+        200: {
+            "headers": {
+                "Idempotent-Replayed": {
+                    "description": "'true' when this answers an earlier batch with the same key.",
+                    "schema": {"type": "string"},
+                },
+            }
+        },
+        **_problems(400, 401, 409, 413, 422),
+    },
     response_model_exclude_none=True,
 )
 async def create_exceptions_batch(
@@ -174,17 +187,11 @@ async def create_exceptions_batch(
     caller: IngestCaller,
     settings: SettingsDep,
     producer: ProducerDep,
+    reader: ReaderDep,
+    idempotency: IdempotencyDep,
+    idempotency_key: IdempotencyKeyDep,
     response: Response,
-    idempotency_key: Annotated[
-        str | None, Header(alias=IDEMPOTENCY_HEADER, include_in_schema=False)
-    ] = None,
 ) -> BatchResult:
-    if idempotency_key is not None:
-        raise ApiProblem(
-            400,
-            f"The {IDEMPOTENCY_HEADER} header is not supported on a batch. Send the batch without "
-            f"it, or send each report to POST /v1/exceptions with its own {IDEMPOTENCY_HEADER}.",
-        )
     if len(batch.items) > settings.max_batch_items:
         msg = (
             f"A batch holds at most {settings.max_batch_items} items and this one has "
@@ -199,13 +206,10 @@ async def create_exceptions_batch(
     tenant = caller.tenant_id
     annotate(tenant_id=tenant)  # each record's send span carries its exception id
     results: list[BatchItemResult | None] = [None] * len(batch.items)
-    queued: list[tuple[int, str]] = []
-    records = []
-    topics = TopicNames(settings.topic_prefix)
-    now = utcnow()
+    valid: list[tuple[int, ExceptionCreate]] = []
     for index, raw in enumerate(batch.items):
         try:
-            item = ExceptionCreate.model_validate(raw)
+            valid.append((index, ExceptionCreate.model_validate(raw)))
         except ValidationError as exc:
             errors = field_errors(exc.errors())
             results[index] = BatchItemResult(
@@ -214,20 +218,50 @@ async def create_exceptions_batch(
                 detail=f"The item is invalid: {describe(errors, whole='(the item)')}.",
                 errors=errors,
             )
-            continue
-        exception_id = ingest.new_exception_id()
+
+    claim: Claim | None = None
+    batch_hash = ingest.batch_hash(batch.items, dict(valid))
+    if idempotency_key is not None:
+        claim = await idempotency.claim(tenant, idempotency_key, batch_hash, reader, scope="batch")
+    queued: list[tuple[int, str]] = []
+    records = []
+    topics = TopicNames(settings.topic_prefix)
+    now = utcnow()
+    for position, (index, item) in enumerate(valid):
+        if idempotency_key is None or claim is None:
+            exception_id = ingest.new_exception_id()
+        else:
+            exception_id = batch_exception_id(
+                tenant, idempotency_key, claim.window, None if position == 0 else index
+            )
+        queued.append((index, exception_id))
+        if claim is not None and claim.replay and not claim.resend:
+            continue  # this process sent it all: answer the first results again
         event = ingest.build_event(
             tenant,
             exception_id,
             item,
-            body_hash=ingest.request_hash(item),
-            idempotency_key=None,
+            body_hash=batch_hash if claim is not None else ingest.request_hash(item),
+            idempotency_key=idempotency_key,
             now=now,
         )
         records.append(ingest.to_record(event, topics))
-        queued.append((index, exception_id))
 
-    failures = await producer.send_many(records) if records else []
+    try:
+        failures: list[SendFailure | None] = (
+            await producer.send_many(records) if records else [None] * len(queued)
+        )
+    except BaseException:
+        if idempotency_key is not None:
+            idempotency.release(tenant, idempotency_key, scope="batch")
+        raise
+    if idempotency_key is not None:
+        if any(f is not None for f in failures):
+            idempotency.release(tenant, idempotency_key, scope="batch")  # retry sends them again
+        else:
+            idempotency.complete(tenant, idempotency_key, scope="batch")
+    if claim is not None and claim.replay:
+        response.headers["Idempotent-Replayed"] = "true"
     for (index, exception_id), failure in zip(queued, failures, strict=True):
         if failure is None:
             created = ingest.created(tenant, exception_id)

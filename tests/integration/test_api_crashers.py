@@ -67,3 +67,54 @@ async def test_a_restarting_worker_answers_503_with_retry_after(
     assert seen["worker", 200] and seen["api", 200], dict(seen)
     # The restart window was exercised: the worker answered before it could serve the read.
     assert seen["worker", 503] > 0, dict(seen)
+
+
+async def test_a_retried_batch_gets_the_first_answer_and_no_duplicates(
+    stack_factory: StackFactory,
+) -> None:
+    stack = await stack_factory()
+    batch = {
+        "items": [
+            {"source": "payments", "error_type": "CardDeclined", "message": "first"},
+            {"source": "payments", "error_type": "CardDeclined"},  # invalid: no message
+            {"source": "payments", "error_type": "CardDeclined", "message": "third"},
+        ]
+    }
+    headers = stack.headers(**{"Idempotency-Key": "batch-retry-1"})
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=15) as api:
+        first = await api.post("/v1/exceptions:batch", json=batch, headers=headers)
+        assert first.status_code == 200, first.text
+        assert [r["status_code"] for r in first.json()["results"]] == [202, 422, 202]
+        ids = [r["exception_id"] for r in first.json()["results"] if r["status_code"] == 202]
+        again = await api.post("/v1/exceptions:batch", json=batch, headers=headers)
+        assert again.json() == first.json()
+        assert again.headers["Idempotent-Replayed"] == "true"
+        for exception_id in ids:
+            await stack.wait_for_state(
+                exception_id, {"received", "in_progress", "resolved", "open"}
+            )
+
+    # Another API process (a restart) knows the key only through the workers.
+    assert stack.api is not None
+    stack.api.stop()
+    stack.start_api()
+    stack.wait_ready()
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=15) as api:
+        replayed = await api.post("/v1/exceptions:batch", json=batch, headers=headers)
+        assert replayed.status_code == 200, replayed.text
+        assert replayed.json() == first.json()
+        assert replayed.headers["Idempotent-Replayed"] == "true"
+        other = await api.post(
+            "/v1/exceptions:batch", json={"items": batch["items"][:1]}, headers=headers
+        )
+        assert other.status_code == 422
+        # Everything sent has been processed once the ingested topic's copies are consumed:
+        # each exception holds one ExceptionIngested, and the tenant has no other exception.
+        await stack.read_topic(stack.topics.ingested, expect=4)
+        for exception_id in ids:
+            await stack.wait_for_state(exception_id, {"resolved", "open", "in_progress"})
+            events = await api.get(f"/v1/exceptions/{exception_id}/events", headers=headers)
+            kinds = [e["event_type"] for e in events.json()]
+            assert kinds.count("ExceptionIngested") == 1, kinds
+        listed = await api.get("/v1/exceptions", headers=stack.headers())
+        assert sorted(s["exception_id"] for s in listed.json()["items"]) == sorted(ids)
