@@ -12,6 +12,12 @@ the redelivered event. Before producing, :meth:`Idempotency.claim` looks the key
    When no worker answers, the request goes on: the derived id still keeps a retry from duplicating.
 
 So a key expires between one and two ``ttl`` after its first use.
+
+POST /v1/exceptions:batch uses the same protocol with its own keys (``scope="batch"``): the body hash
+covers the whole batch, and each item's exception id is derived from the key and the item's index
+(:func:`batch_exception_id`). Its first valid item gets the id derived from the key alone, so that
+the workers can be asked about an earlier use of the key whatever the batch held; its
+ExceptionIngested records the batch's hash.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -59,6 +66,12 @@ def derived_exception_id(tenant_id: str, key: str, window: int) -> str:
     return str(uuid.uuid5(SLUICE_NAMESPACE, f"{tenant_id}:idem:{window}:{key}"))
 
 
+def batch_exception_id(tenant_id: str, key: str, window: int, index: int | None) -> str:
+    """The exception id of a keyed batch's item ``index`` (None: the batch's first valid item)."""
+    item = "" if index is None else f":{index}"
+    return str(uuid.uuid5(SLUICE_NAMESPACE, f"{tenant_id}:idem-batch:{window}:{key}{item}"))
+
+
 def _check_same_body(first_hash: str, this_hash: str) -> None:
     if first_hash != this_hash:
         raise ApiProblem(
@@ -74,15 +87,21 @@ class _Entry:
     exception_id: str
     state: Literal["in_flight", "done"]
     expires_at: float
+    window: int
+    resend: bool = False  # known from the workers only: this process has not sent it
 
 
 @dataclass(frozen=True)
 class Claim:
     """What to do with a request carrying a key: produce ``exception_id`` (``replay`` False), or
-    answer the earlier request's 202 again (``replay`` True)."""
+    answer the earlier request's 202 again (``replay`` True). ``window`` is the one its ids were
+    derived in; ``resend`` is True when only the workers knew the earlier use (this process did
+    not send it), so a batch sends its items again (same ids: the intake drops the copies)."""
 
     exception_id: str
     replay: bool
+    window: int = 0
+    resend: bool = False
 
 
 class Idempotency:
@@ -108,9 +127,20 @@ class Idempotency:
             self._entries.popitem(last=False)
 
     async def claim(
-        self, tenant_id: str, key: str, request_hash: str, reader: ExceptionReader
+        self,
+        tenant_id: str,
+        key: str,
+        request_hash: str,
+        reader: ExceptionReader,
+        *,
+        scope: str = "single",
     ) -> Claim:
-        slot = (tenant_id, key)
+        slot = _slot(tenant_id, key, scope)
+        derive: Callable[[int], str] = (
+            (lambda w: batch_exception_id(tenant_id, key, w, None))
+            if scope == "batch"
+            else (lambda w: derived_exception_id(tenant_id, key, w))
+        )
         entry = self._get(slot)
         if entry is not None:
             _check_same_body(entry.request_hash, request_hash)
@@ -120,39 +150,39 @@ class Idempotency:
                     f"A request with this {HEADER} is still being processed; wait for its answer, "
                     "then retry with the same key to get it again.",
                 )
-            return Claim(entry.exception_id, replay=True)
+            return Claim(entry.exception_id, replay=True, window=entry.window, resend=entry.resend)
 
         window = int(time.time() // self.ttl)
-        exception_id = derived_exception_id(tenant_id, key, window)
+        exception_id = derive(window)
         # Claim the slot before the first await, so a concurrent request with this key sees it.
         expires_at = time.monotonic() + self.ttl
-        self._put(slot, _Entry(request_hash, exception_id, "in_flight", expires_at))
+        self._put(slot, _Entry(request_hash, exception_id, "in_flight", expires_at, window))
+        candidates = {derive(window - 1): window - 1, exception_id: window}
         try:
-            earlier = await self._lookup(
-                reader,
-                tenant_id,
-                key,
-                [derived_exception_id(tenant_id, key, window - 1), exception_id],
-            )
+            earlier = await self._lookup(reader, tenant_id, key, list(candidates))
         except BaseException:
             self._entries.pop(slot, None)
             raise
         if earlier is None:
-            return Claim(exception_id, replay=False)
+            return Claim(exception_id, replay=False, window=window)
         earlier_id, earlier_hash = earlier
-        self._put(slot, _Entry(earlier_hash, earlier_id, "done", expires_at))
+        earlier_window = candidates[earlier_id]
+        self._put(
+            slot, _Entry(earlier_hash, earlier_id, "done", expires_at, earlier_window, resend=True)
+        )
         _check_same_body(earlier_hash, request_hash)
-        return Claim(earlier_id, replay=True)
+        return Claim(earlier_id, replay=True, window=earlier_window, resend=True)
 
-    def complete(self, tenant_id: str, key: str) -> None:
+    def complete(self, tenant_id: str, key: str, *, scope: str = "single") -> None:
         """The claimed exception is on Kafka: later requests with this key replay its answer."""
-        entry = self._entries.get((tenant_id, key))
+        entry = self._entries.get(_slot(tenant_id, key, scope))
         if entry is not None:
             entry.state = "done"
+            entry.resend = False
 
-    def release(self, tenant_id: str, key: str) -> None:
+    def release(self, tenant_id: str, key: str, *, scope: str = "single") -> None:
         """The produce failed: forget the claim so that a retry tries again."""
-        self._entries.pop((tenant_id, key), None)
+        self._entries.pop(_slot(tenant_id, key, scope), None)
 
     async def _lookup(
         self, reader: ExceptionReader, tenant_id: str, key: str, candidates: list[str]
@@ -177,3 +207,7 @@ class Idempotency:
                 ):
                     return answer.state.exception_id, str(entry.payload.get("request_hash"))
         return None
+
+
+def _slot(tenant_id: str, key: str, scope: str) -> tuple[str, str]:
+    return (tenant_id, key if scope == "single" else f"{scope}\n{key}")

@@ -9,8 +9,11 @@ request yields the very same event and the pipeline's intake drops the copy.
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
+from collections.abc import Mapping, Sequence
 from datetime import datetime
+from typing import Any
 
 import orjson
 
@@ -26,6 +29,21 @@ def request_hash(body: ExceptionCreate) -> str:
     key order or spacing the client sent."""
     canonical = orjson.dumps(body.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(canonical).hexdigest()
+
+
+def batch_hash(raw_items: Sequence[Any], valid: Mapping[int, ExceptionCreate]) -> str:
+    """sha256 over a batch: each valid item's :func:`request_hash`, each invalid item's canonical
+    JSON as sent (Python's encoder: an invalid item may hold what orjson refuses)."""
+    digest = hashlib.sha256()
+    for index, raw in enumerate(raw_items):
+        item = valid.get(index)
+        if item is not None:
+            part = request_hash(item)
+        else:
+            text = json.dumps(raw, sort_keys=True, ensure_ascii=True, default=str)
+            part = "invalid:" + hashlib.sha256(text.encode()).hexdigest()
+        digest.update(part.encode() + b"\n")
+    return digest.hexdigest()
 
 
 def new_exception_id() -> str:

@@ -23,8 +23,10 @@ from urllib.parse import quote
 import httpx
 from pydantic import ValidationError
 
-from api.errors import unavailable
+from api.errors import ApiProblem, unavailable
+from api.paging import invalid_query
 from app.settings import Settings
+from app.telemetry import metrics
 from schemas.api import ExceptionListPublic
 from schemas.state import ExceptionRecord
 
@@ -33,6 +35,16 @@ log = logging.getLogger("sluice.api.reader")
 
 class WorkerUnavailable(Exception):
     """No worker answered; the message says which were tried and why each failed."""
+
+
+class WorkerRefused(Exception):
+    """A worker answered 400: the query itself is invalid, so no other worker would answer it.
+    ``field`` names the parameter (the worker's ``field``, else ``query``)."""
+
+    def __init__(self, field: str, detail: str) -> None:
+        super().__init__(detail)
+        self.field = field
+        self.detail = detail
 
 
 class ExceptionReader(Protocol):
@@ -129,9 +141,38 @@ class WorkerReader:
         )
 
 
+class WorkerHealth:
+    """Whether each worker answered its last read, so that a worker that is down is logged once
+    (WARNING, with why) and once more when it is back (INFO), not at every read: every failed read
+    is counted in ``sluice_api_worker_unavailable_total{worker}``."""
+
+    def __init__(self) -> None:
+        self._down: dict[str, str] = {}
+
+    def failed(self, url: str, why: str) -> str:
+        """Record a failed read of ``url``; the failure as ``url: why``."""
+        metrics.worker_unavailable(url)
+        if url not in self._down:
+            log.warning("worker %s unavailable: %s", url, why)
+        self._down[url] = why
+        return f"{url}: {why}"
+
+    def answered(self, url: str) -> None:
+        if self._down.pop(url, None) is not None:
+            log.info("worker %s back", url)
+
+    def is_down(self, url: str) -> bool:
+        return url in self._down
+
+
+HEALTH = WorkerHealth()
+"""The API process's view of its workers (one per process, like its metrics)."""
+
+
 async def worker_get(settings: Settings, path: str, params: Mapping[str, str | int]) -> Any:
     """The first worker's answer to a list (``path`` gathers from the whole group); 207 counts (a
-    worker gathered what it could from the others); none answering is a 503 with Retry-After."""
+    worker gathered what it could from the others); none answering is a 503 with Retry-After, a
+    worker refusing the query a 422 naming the parameter."""
     async with httpx.AsyncClient(timeout=settings.worker_read_timeout_seconds) as client:
         try:
             return await first_answer(
@@ -139,6 +180,13 @@ async def worker_get(settings: Settings, path: str, params: Mapping[str, str | i
             )
         except WorkerUnavailable as exc:
             raise unavailable(str(exc)) from exc
+        except WorkerRefused as exc:
+            raise refused(exc) from exc
+
+
+def refused(exc: WorkerRefused) -> ApiProblem:
+    """A worker's 400 as the API's 422 naming the parameter."""
+    return invalid_query(exc.field, exc.detail[:1].upper() + exc.detail[1:])
 
 
 async def first_answer(
@@ -149,32 +197,54 @@ async def first_answer(
     *,
     accepted: Collection[int] = (200,),
     not_found_is_answer: bool = False,
+    health: WorkerHealth | None = None,
 ) -> Any:
     """The JSON of the first worker (in ``urls`` order) that answers ``GET path``.
 
     A status in ``accepted`` is an answer; a 404 is one only when ``not_found_is_answer`` (single
     reads), and raises :class:`_NotFound`. When no worker answers, :class:`WorkerUnavailable` says
-    which were tried and why each failed."""
+    which were tried and why each failed. Each worker's failures are counted and its changes of
+    state logged once, by ``health`` (the process's :data:`HEALTH` by default)."""
+    health = health or HEALTH
     failures: list[str] = []
     for url in urls:
         base = url.rstrip("/")
         try:
             resp = await client.get(base + path, params=dict(params))
         except httpx.HTTPError as exc:
-            failures.append(f"{base}: {exc or type(exc).__name__}")
+            failures.append(health.failed(base, str(exc) or type(exc).__name__))
             continue
         if resp.status_code == 404 and not_found_is_answer:
+            health.answered(base)
             raise _NotFound
+        if resp.status_code == 400:
+            health.answered(base)
+            raise _refusal(resp)
         if resp.status_code not in accepted:
-            failures.append(f"{base}: HTTP {resp.status_code}")
+            failures.append(health.failed(base, f"HTTP {resp.status_code}"))
             continue
         try:
-            return resp.json()
+            data = resp.json()
         except ValueError:
-            failures.append(f"{base}: the answer is not JSON")
-    log.warning("no worker answered %s: %s", path, "; ".join(failures))
+            failures.append(health.failed(base, "the answer is not JSON"))
+            continue
+        health.answered(base)
+        return data
     raise WorkerUnavailable(
         "No Sluice worker answered ("
         + ("; ".join(failures) or "SLUICE_WORKER_URLS is empty")
         + ")."
+    )
+
+
+def _refusal(resp: httpx.Response) -> WorkerRefused:
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        body = {}
+    return WorkerRefused(
+        str(body.get("field") or "query"),
+        str(body.get("detail") or "the workers refused the query's parameters"),
     )

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SkipValidation, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SkipValidation, ValidationError, field_validator
 from pydantic.json_schema import JsonDict
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from schemas.codec import JSON_INT_MAX, JSON_INT_MIN, MAX_FREE_FORM_DEPTH, unencodable
 from schemas.events import ExceptionReport
 from schemas.state import ExceptionState, HistoryEntry
 
@@ -46,6 +48,35 @@ class ExceptionCreate(ExceptionReport):
     model_config = ConfigDict(
         frozen=True, extra="forbid", json_schema_extra={"examples": [_EXAMPLE_REPORT]}
     )
+
+    attributes: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "Free-form context (amount, order id, region...), stored exactly as sent. Integers "
+            f"must lie between {JSON_INT_MIN} and {JSON_INT_MAX} (64 bits; send larger ones as "
+            "strings), numbers must be finite, text valid Unicode, and values may nest at most "
+            f"{MAX_FREE_FORM_DEPTH} arrays or objects deep. A value breaking these rules is "
+            "refused with 422 naming its path, e.g. `attributes.amount`."
+        ),
+    )
+
+    @field_validator("attributes")
+    @classmethod
+    def _encodable(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """Refuse what the codec would refuse or change, naming each place (``amount``, ``a.0``):
+        pydantic prefixes the field, so a client reads ``attributes.amount``."""
+        problems = unencodable(value)
+        if problems:
+            raise ValidationError.from_exception_data(
+                cls.__name__,
+                [
+                    InitErrorDetails(
+                        type=PydanticCustomError(p.type, p.msg), loc=p.loc, input=p.value
+                    )
+                    for p in problems
+                ],
+            )
+        return value
 
     @field_validator("occurred_at")
     @classmethod

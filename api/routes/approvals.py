@@ -21,6 +21,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from api.deps import OperatorCaller, ProducerDep, ReaderDep, SettingsDep, ViewerCaller
 from api.errors import ApiProblem
+from api.paging import CursorQuery
 from api.reader import WorkerUnavailable, worker_get
 from api.routes.exceptions import read_record
 from api.routes.operations import operator_event, send_operator_event
@@ -100,7 +101,7 @@ async def list_approvals(
     settings: SettingsDep,
     caller: ViewerCaller,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    cursor: CursorQuery = None,
 ) -> ApprovalListPublic:
     tenant = caller.tenant_id
     params: dict[str, str | int] = {"tenant": tenant, "limit": limit}

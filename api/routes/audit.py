@@ -13,6 +13,7 @@ from fastapi import APIRouter, Query
 from pydantic import AwareDatetime, BaseModel, Field
 
 from api.deps import SettingsDep, ViewerCaller
+from api.paging import CursorQuery
 from api.reader import worker_get
 
 router = APIRouter(tags=["audit"])
@@ -56,7 +57,7 @@ async def list_audit(
     since: Annotated[AwareDatetime | None, Query()] = None,
     until: Annotated[AwareDatetime | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    cursor: CursorQuery = None,
 ) -> AuditListPublic:
     tenant = caller.tenant_id
     params: dict[str, str | int] = {"tenant": tenant, "limit": limit}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Path, Query, Response
+from fastapi import APIRouter, Path, Query, Response
 from pydantic import ValidationError
 
 from api import ingest
@@ -26,11 +26,11 @@ from api.deps import (
     ViewerCaller,
 )
 from api.errors import RETRY_AFTER_SECONDS, ApiProblem, describe, field_errors, unavailable
-from api.idempotency import HEADER as IDEMPOTENCY_HEADER
-from api.idempotency import Claim
+from api.idempotency import Claim, batch_exception_id
 from api.limits import IngestLimiter
+from api.paging import CursorQuery
 from api.producer import SendFailure
-from api.reader import ExceptionReader, WorkerUnavailable
+from api.reader import ExceptionReader, WorkerRefused, WorkerUnavailable, refused
 from app.telemetry import annotate, metrics
 from app.topics import TopicNames
 from schemas.api import (
@@ -181,14 +181,28 @@ async def create_exception(
         "stop the others. Valid items are all sent to Kafka, then the acks awaited together; each "
         "gets 202 (accepted, with its exception_id and location) or 503 (not accepted; retry it). "
         "The answer is 200 with a result per item, in input order, whenever the batch itself was "
-        "readable. Idempotency-Key is not supported here: to retry safely, send reports one by one "
-        "to POST /v1/exceptions with a key each.\n\n"
+        "readable.\n\n**Idempotency-Key** works as on POST /v1/exceptions, for the whole batch: a "
+        "retry with the same key and the same body answers the same results (the same exception "
+        "ids, `Idempotent-Replayed: true`) and creates no second exception; items that were not "
+        "accepted the first time (503) are sent again. The same key with a different body answers "
+        "422, a retry while the first request is in flight 409. A batch's keys are separate from "
+        "the single route's.\n\n"
         "**Limits**: for a tenant with `[limits]`, each item costs one token, invalid ones too. A "
         "batch is accepted or refused whole: when the tenant lacks tokens for all its items the "
         "answer is 429 with `Retry-After` (whole seconds until the whole batch would fit) and no "
         "item is accepted. A batch larger than the tenant's `ingest_burst` could never fit: 422."
     ),
-    responses=_problems(400, 401, 413, 422, 429),
+    responses={
+        200: {
+            "headers": {
+                "Idempotent-Replayed": {
+                    "description": "'true' when this answers an earlier batch with the same key.",
+                    "schema": {"type": "string"},
+                },
+            }
+        },
+        **_problems(400, 401, 409, 413, 422, 429),
+    },
     response_model_exclude_none=True,
 )
 async def create_exceptions_batch(
@@ -196,18 +210,12 @@ async def create_exceptions_batch(
     caller: IngestCaller,
     settings: SettingsDep,
     producer: ProducerDep,
+    reader: ReaderDep,
+    idempotency: IdempotencyDep,
+    idempotency_key: IdempotencyKeyDep,
     limits: IngestLimitsDep,
     response: Response,
-    idempotency_key: Annotated[
-        str | None, Header(alias=IDEMPOTENCY_HEADER, include_in_schema=False)
-    ] = None,
 ) -> BatchResult:
-    if idempotency_key is not None:
-        raise ApiProblem(
-            400,
-            f"The {IDEMPOTENCY_HEADER} header is not supported on a batch. Send the batch without "
-            f"it, or send each report to POST /v1/exceptions with its own {IDEMPOTENCY_HEADER}.",
-        )
     if len(batch.items) > settings.max_batch_items:
         msg = (
             f"A batch holds at most {settings.max_batch_items} items and this one has "
@@ -232,18 +240,12 @@ async def create_exceptions_batch(
             msg,
             errors=[FieldError(loc=["body", "items"], field="items", msg=msg, type="too_long")],
         )
-    wait = await limits.take(tenant, len(batch.items))
-    if wait is not None:
-        raise _rate_limited(limits, tenant, len(batch.items), wait)
     annotate(tenant_id=tenant)  # each record's send span carries its exception id
     results: list[BatchItemResult | None] = [None] * len(batch.items)
-    queued: list[tuple[int, str]] = []
-    records = []
-    topics = TopicNames(settings.topic_prefix)
-    now = utcnow()
+    valid: list[tuple[int, ExceptionCreate]] = []
     for index, raw in enumerate(batch.items):
         try:
-            item = ExceptionCreate.model_validate(raw)
+            valid.append((index, ExceptionCreate.model_validate(raw)))
         except ValidationError as exc:
             errors = field_errors(exc.errors())
             results[index] = BatchItemResult(
@@ -252,20 +254,57 @@ async def create_exceptions_batch(
                 detail=f"The item is invalid: {describe(errors, whole='(the item)')}.",
                 errors=errors,
             )
-            continue
-        exception_id = ingest.new_exception_id()
+
+    claim: Claim | None = None
+    batch_hash = ingest.batch_hash(batch.items, dict(valid))
+    if idempotency_key is not None:
+        claim = await idempotency.claim(tenant, idempotency_key, batch_hash, reader, scope="batch")
+    if claim is None or not claim.replay or claim.resend:
+        # Charged after the claim, so that the replay of an accepted batch costs nothing.
+        wait = await limits.take(tenant, len(batch.items))
+        if wait is not None:
+            if idempotency_key is not None:
+                idempotency.release(tenant, idempotency_key, scope="batch")
+            raise _rate_limited(limits, tenant, len(batch.items), wait)
+    queued: list[tuple[int, str]] = []
+    records = []
+    topics = TopicNames(settings.topic_prefix)
+    now = utcnow()
+    for position, (index, item) in enumerate(valid):
+        if idempotency_key is None or claim is None:
+            exception_id = ingest.new_exception_id()
+        else:
+            exception_id = batch_exception_id(
+                tenant, idempotency_key, claim.window, None if position == 0 else index
+            )
+        queued.append((index, exception_id))
+        if claim is not None and claim.replay and not claim.resend:
+            continue  # this process sent it all: answer the first results again
         event = ingest.build_event(
             tenant,
             exception_id,
             item,
-            body_hash=ingest.request_hash(item),
-            idempotency_key=None,
+            body_hash=batch_hash if claim is not None else ingest.request_hash(item),
+            idempotency_key=idempotency_key,
             now=now,
         )
         records.append(ingest.to_record(event, topics))
-        queued.append((index, exception_id))
 
-    failures = await producer.send_many(records) if records else []
+    try:
+        failures: list[SendFailure | None] = (
+            await producer.send_many(records) if records else [None] * len(queued)
+        )
+    except BaseException:
+        if idempotency_key is not None:
+            idempotency.release(tenant, idempotency_key, scope="batch")
+        raise
+    if idempotency_key is not None:
+        if any(f is not None for f in failures):
+            idempotency.release(tenant, idempotency_key, scope="batch")  # retry sends them again
+        else:
+            idempotency.complete(tenant, idempotency_key, scope="batch")
+    if claim is not None and claim.replay:
+        response.headers["Idempotent-Replayed"] = "true"
     for (index, exception_id), failure in zip(queued, failures, strict=True):
         if failure is None:
             created = ingest.created(tenant, exception_id)
@@ -303,9 +342,7 @@ async def list_exceptions(
     severity: Severity | None = None,
     stage: Stage | None = None,
     limit: Annotated[int, Query(ge=1, le=200, description="Page size.")] = 50,
-    cursor: Annotated[
-        str | None, Query(min_length=1, max_length=1000, description="From next_cursor.")
-    ] = None,
+    cursor: CursorQuery = None,
 ) -> ExceptionListPublic:
     try:
         return await reader.list_exceptions(
@@ -318,6 +355,8 @@ async def list_exceptions(
         )
     except WorkerUnavailable as exc:
         raise _read_unavailable() from exc
+    except WorkerRefused as exc:
+        raise refused(exc) from exc
 
 
 @router.get(

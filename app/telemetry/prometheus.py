@@ -200,6 +200,13 @@ class Metrics:
             ["role"],
             registry=registry,
         )
+        self.api_worker_unavailable = Counter(
+            "sluice_api_worker_unavailable",
+            "Reads a worker did not answer (unreachable, timed out, 5xx or a bad answer), by worker"
+            " URL. The API logs only when a worker becomes unavailable and when it is back.",
+            ["worker"],
+            registry=registry,
+        )
 
     # --- worker
     def declare_stages(self, stages: Sequence[str]) -> None:
@@ -317,6 +324,10 @@ class Metrics:
         """The keys in use now, counted by role (every role given, zeros included)."""
         for role, count in by_role.items():
             self.api_keys_in_use.labels(role).set(count)
+
+    def worker_unavailable(self, worker: str) -> None:
+        """A read asked ``worker`` and got no usable answer."""
+        self.api_worker_unavailable.labels(worker).inc()
 
     # --- exposition
     def on_scrape(self, callback: Callable[[], None]) -> None:

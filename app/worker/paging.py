@@ -25,10 +25,16 @@ def encode_cursor(key: Key) -> str:
 def decode_cursor(cursor: str) -> Key:
     """The key a cursor holds; ValueError when it is not one this worker handed out."""
     try:
-        first, second = orjson.loads(base64.urlsafe_b64decode(cursor.encode()))
-    except (TypeError, ValueError) as exc:  # base64, JSON, or not a pair
-        raise ValueError(f"cursor {cursor[:40]!r} is not one this API handed out") from exc
-    return (str(first), str(second))
+        key = orjson.loads(base64.urlsafe_b64decode(cursor.encode()))
+    except (TypeError, ValueError) as exc:  # not ASCII, not base64, not JSON
+        raise ValueError(_NOT_OURS.format(cursor[:40])) from exc
+    # A cursor holds a pair of strings; anything else (``e30`` is base64 of {}) was not handed out.
+    if not (isinstance(key, list) and len(key) == 2 and all(isinstance(k, str) for k in key)):
+        raise ValueError(_NOT_OURS.format(cursor[:40]))
+    return (key[0], key[1])
+
+
+_NOT_OURS = "cursor {!r} is not one this API handed out"
 
 
 def page(items: list[Item], key: Callable[[Item], Key], limit: int, newest_first: bool) -> Item:

@@ -15,8 +15,10 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
+import aiohttp
 import httpx
 import orjson
+from faust.exceptions import NotReady
 from faust.web import Request, Response, View
 
 from app.admin import broker_problem
@@ -74,6 +76,27 @@ def local_page(table: Any, query: dict[str, str], limit: int) -> list[dict[str, 
         items.append(state)
     items.sort(key=_cursor_key, reverse=True)
     return items[:limit]
+
+
+def invalid_list_query(query: dict[str, str]) -> tuple[str, str] | None:
+    """(parameter, why) of the first invalid parameter of a list query, or None. The API checks
+    the same before asking, and passes a 400 on as a 422 naming ``field``."""
+    try:
+        int(query.get("limit", "50"))
+    except ValueError:
+        return "limit", "limit must be an integer"
+    if query.get("cursor"):
+        try:
+            decode_cursor(query["cursor"])
+        except ValueError as exc:
+            return "cursor", f"{exc}; pass back a next_cursor of an earlier page"
+    for bound in ("since", "until"):
+        if query.get(bound):
+            try:
+                datetime.fromisoformat(query[bound])
+            except ValueError:
+                return bound, f"{bound} must be an ISO 8601 time"
+    return None
 
 
 # ------------------------------------------------------------------------------ dead letters
@@ -143,10 +166,34 @@ def register_views(worker: Worker) -> None:
 
         return list(await asyncio.gather(*(one(h) for h in sorted(hosts - {me}))))
 
+    def routable(exception_id: str) -> bool:
+        """Whether the table router knows the worker owning ``exception_id``'s partition. Until
+        the group's metadata arrives (a worker just started, a rebalance) Faust's router raises:
+        a TypeError from the producer's partitioner, a KeyError for an unassigned partition."""
+        try:
+            app.router.key_store(tables.exceptions.name, exception_id)
+        except (TypeError, KeyError, NotReady):
+            return False
+        return True
+
     @app.page("/sluice/exceptions/{exception_id}")
     class ExceptionView(View):
-        @app.table_route(table=tables.exceptions, match_info="exception_id")  # type: ignore[arg-type]
         async def get(self, request: Request, exception_id: str) -> Response:
+            """A 503 with Retry-After while the owner cannot be known or reached, never a 500."""
+            if not routable(exception_id):
+                return _not_ready(self)
+            try:
+                # Faust types a routed handler as a plain function, not as a method.
+                return await cast(Any, self).routed(request, exception_id)
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                return self.json(
+                    {"detail": f"the worker owning {exception_id} did not answer ({exc!r})"},
+                    status=503,
+                    headers={"Retry-After": "1"},
+                )
+
+        @app.table_route(table=tables.exceptions, match_info="exception_id")  # type: ignore[arg-type]
+        async def routed(self, request: Request, exception_id: str) -> Response:
             raw = tables.exceptions.get(exception_id.encode())
             if raw is None:
                 return _not_found(self, exception_id) if ready() else _not_ready(self)
@@ -194,18 +241,11 @@ def register_views(worker: Worker) -> None:
         class PagedView(View):
             async def get(self, request: Request) -> Response:
                 query = dict(request.query)
-                try:
-                    limit = max(1, min(MAX_LIMIT, int(query.get("limit", "50"))))
-                    if query.get("cursor"):
-                        decode_cursor(query["cursor"])
-                    for bound in ("since", "until"):
-                        if query.get(bound):
-                            datetime.fromisoformat(query[bound])
-                except (ValueError, TypeError):
-                    return self.json(
-                        {"detail": "limit must be an integer, cursor opaque, times ISO 8601"},
-                        status=400,
-                    )
+                refused = invalid_list_query(query)
+                if refused is not None:
+                    field, detail = refused
+                    return self.json({"detail": detail, "field": field}, status=400)
+                limit = max(1, min(MAX_LIMIT, int(query.get("limit", "50"))))
                 if not ready():
                     return _not_ready(self)
                 if query.get("local") == "1":

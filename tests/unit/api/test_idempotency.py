@@ -62,7 +62,7 @@ async def test_claim_complete_replay() -> None:
     assert in_flight.value.status == 409
     idem.complete("acme", "k")
     again = await idem.claim("acme", "k", "h1", reader)
-    assert again == type(again)(first.exception_id, replay=True)
+    assert again == type(again)(first.exception_id, replay=True, window=first.window)
     with pytest.raises(ApiProblem) as other_body:
         await idem.claim("acme", "k", "h2", reader)
     assert other_body.value.status == 422

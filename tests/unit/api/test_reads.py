@@ -20,6 +20,7 @@ from fastapi import FastAPI
 
 from api import ingest
 from app.kafka_local import free_port
+from app.worker.paging import encode_cursor
 from schemas.api import ExceptionCreate
 from schemas.state import ExceptionRecord, HistoryEntry, entry_of, fold
 from tests.unit.api.conftest import api_client, auth, report
@@ -190,6 +191,9 @@ async def test_ids_are_url_encoded_for_the_worker(reads: httpx.AsyncClient, work
     assert worker.requests[0] == ("/sluice/exceptions/odd%20id%3Fx%3D1", {"tenant": "acme"})
 
 
+CURSOR = encode_cursor(("2026-01-15T09:30:00+00:00", "exc-2"))
+
+
 async def test_list_passes_filters_and_cursor_through(
     reads: httpx.AsyncClient, worker: Worker
 ) -> None:
@@ -204,7 +208,7 @@ async def test_list_passes_filters_and_cursor_through(
             "severity": "high",
             "stage": "triage",
             "limit": 2,
-            "cursor": "opaque-1",
+            "cursor": CURSOR,
         },
         headers=auth("acme"),
     )
@@ -221,7 +225,7 @@ async def test_list_passes_filters_and_cursor_through(
                 "severity": "high",
                 "stage": "triage",
                 "limit": "2",
-                "cursor": "opaque-1",
+                "cursor": CURSOR,
             },
         )
     ]

@@ -204,16 +204,6 @@ async def test_malformed_batch_is_422(client: httpx.AsyncClient, body: object) -
     assert resp.status_code == 422
 
 
-async def test_batch_refuses_an_idempotency_key(client: httpx.AsyncClient) -> None:
-    resp = await client.post(
-        f"{URL}:batch",
-        json={"items": [report()]},
-        headers=auth(**{"Idempotency-Key": "k-1"}),
-    )
-    assert resp.status_code == 400
-    assert "not supported on a batch" in resp.json()["detail"]
-
-
 # ------------------------------------------------------------------------------------- reads
 
 
