@@ -27,15 +27,29 @@ ACTIONS = ("approve", "reject", "redrive", "discard")
 FILTERS = ("actor", "action", "exception_id")
 
 
-def audit_entry(event: Event) -> dict[str, Any] | None:
-    """The audit entry of an operator's event, or None for any other event."""
-    base = {
+AUDITED = (
+    ExceptionApproved,
+    ExceptionRejected,
+    ExceptionApprovalRefused,
+    ExceptionRedriveRequested,
+    ExceptionDiscardRequested,
+)
+
+
+def _base(event: Event) -> dict[str, Any]:
+    return {
         "event_id": str(event.event_id),
         "event_type": event.event_type,
         "tenant_id": event.tenant_id,
         "exception_id": event.exception_id,
         "at": event.occurred_at.isoformat(),
     }
+
+
+def audit_entry(event: Event) -> dict[str, Any] | None:
+    """The audit entry of an operator's event, or None for any other event."""
+    if not isinstance(event, AUDITED):
+        return None  # most events: decided before anything is built (the projection asks for each)
     if isinstance(event, ExceptionApproved | ExceptionRejected | ExceptionApprovalRefused):
         p = event.payload
         if p.action == "expire":
@@ -45,7 +59,7 @@ def audit_entry(event: Event) -> dict[str, Any] | None:
         else:
             outcome = "approved" if isinstance(event, ExceptionApproved) else "rejected"
         return {
-            **base,
+            **_base(event),
             "actor": p.decided_by,
             "role": p.role,
             "action": p.action,
@@ -56,7 +70,7 @@ def audit_entry(event: Event) -> dict[str, Any] | None:
     if isinstance(event, ExceptionRedriveRequested | ExceptionDiscardRequested):
         request = event.payload
         return {
-            **base,
+            **_base(event),
             "actor": request.requested_by,
             "role": getattr(request, "role", None),
             "action": "redrive" if isinstance(event, ExceptionRedriveRequested) else "discard",
