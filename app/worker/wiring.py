@@ -375,7 +375,11 @@ def build_worker(settings: Settings, worker_metrics: Metrics = metrics) -> Worke
         written=Decoded(settings.worker_decoded_cache, rebalances.current),
         retention_seconds=settings.exception_retention_seconds,
         sweep=Sweep(settings.exception_sweep_seconds),
-        scan=cast(Store, tables.exceptions.data).items_from,
+        # Looked up when the first sweep runs: the store behind ``.data`` is opened on first use,
+        # and opening it here would bind Faust to an event loop before the worker picks uvloop.
+        scan=lambda partition, start: cast(Store, tables.exceptions.data).items_from(
+            partition, start
+        ),
         audit=tables.audit,
     )
     runners: dict[str, StageRunner] = {}
