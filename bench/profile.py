@@ -68,8 +68,10 @@ def frame_file(frame: str) -> str:
 
 
 def stage_of(frames: Sequence[str]) -> str:
+    """The stage whose agent frame is on the stack. The agents are closures of the wiring, which
+    py-spy names by their qualified name (``_register_agents.<locals>.take_in_exceptions``)."""
     for frame in frames:
-        stage = AGENT_FRAMES.get(frame_function(frame))
+        stage = AGENT_FRAMES.get(frame_function(frame).rpartition(".")[2])
         if stage is not None:
             return stage
     return "(outside the agents)"

@@ -306,10 +306,10 @@ def test_generated_events_are_valid_ingested_events() -> None:
 PROFILE = "\n".join(
     [
         "_run_module_as_main (<frozen runpy>:198);Handle._run (asyncio/events.py:80);"
-        "Agent._execute_actor (faust/agents/agent.py:698);take_in_exceptions (app/worker/wiring.py:413);"
+        "Agent._execute_actor (faust/agents/agent.py:698);_register_agents.<locals>.take_in_exceptions (app/worker/wiring.py:413);"
         "StageRunner.process (app/worker/runner.py:288);decode (schemas/codec.py:40) 30",
         "_run_module_as_main (<frozen runpy>:198);Handle._run (asyncio/events.py:80);"
-        "Agent._execute_actor (faust/agents/agent.py:698);execute_tools (app/worker/wiring.py:428);"
+        "Agent._execute_actor (faust/agents/agent.py:698);_register_agents.<locals>.execute_tools (app/worker/wiring.py:428);"
         "StageRunner.handle (app/worker/runner.py:320);encode (schemas/codec.py:36) 20",
         "Thread._bootstrap (threading.py:1002);WorkerThread.run (mode/threads.py:62);"
         "Handle._run (asyncio/events.py:80);"
