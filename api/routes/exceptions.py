@@ -221,11 +221,7 @@ async def create_exceptions_batch(
             f"A batch holds at most {settings.max_batch_items} items and this one has "
             f"{len(batch.items)}; split it into smaller batches."
         )
-        raise ApiProblem(
-            422,
-            msg,
-            errors=[FieldError(loc=["body", "items"], field="items", msg=msg, type="too_long")],
-        )
+        raise _too_many_items(msg)
 
     tenant = caller.tenant_id
     limit = limits.limit_of(tenant)
@@ -235,11 +231,7 @@ async def create_exceptions_batch(
             f"([limits] ingest_burst) and this batch has {len(batch.items)}, so it could never be "
             f"accepted; split it into batches of at most {limit.burst}."
         )
-        raise ApiProblem(
-            422,
-            msg,
-            errors=[FieldError(loc=["body", "items"], field="items", msg=msg, type="too_long")],
-        )
+        raise _too_many_items(msg)
     annotate(tenant_id=tenant)  # each record's send span carries its exception id
     results: list[BatchItemResult | None] = [None] * len(batch.items)
     valid: list[tuple[int, ExceptionCreate]] = []
@@ -395,6 +387,15 @@ async def read_record(reader: ExceptionReader, tenant: str, exception_id: str) -
             "a moment ago can take a few seconds to become readable.",
         )
     return record
+
+
+def _too_many_items(msg: str) -> ApiProblem:
+    """A 422 naming ``items``: the batch is longer than it may ever be."""
+    return ApiProblem(
+        422,
+        msg,
+        errors=[FieldError(loc=["body", "items"], field="items", msg=msg, type="too_long")],
+    )
 
 
 def _read_unavailable() -> ApiProblem:
